@@ -1,0 +1,39 @@
+"""Shared fixtures: real models and real media from the shared folders (never copied into the repo)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+MODEL_DIR = Path(os.environ.get("STREAMER_MODEL_DIR") or REPO.parent / "shared" / "models")
+MEDIA_DIR = Path(os.environ.get("STREAMER_MEDIA_DIR") or REPO.parent / "shared" / "media")
+
+
+@pytest.fixture(scope="session")
+def model_dir() -> Path:
+    if not MODEL_DIR.is_dir():
+        pytest.fail(f"model directory {MODEL_DIR} missing: set STREAMER_MODEL_DIR")
+    return MODEL_DIR
+
+
+@pytest.fixture(scope="session")
+def media_dir() -> Path:
+    if not MEDIA_DIR.is_dir():
+        pytest.fail(f"media directory {MEDIA_DIR} missing: set STREAMER_MEDIA_DIR")
+    return MEDIA_DIR
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory) -> Path:
+    """One conversion cache for the whole session so each model is converted once per test run."""
+    return tmp_path_factory.mktemp("streamer-cache")
+
+
+@pytest.fixture(scope="session")
+def registry(model_dir, cache_dir):
+    from streamer.models.registry import ModelRegistry
+
+    return ModelRegistry(model_dir=model_dir, cache_dir=cache_dir, allow_noncommercial=True)
