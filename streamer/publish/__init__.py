@@ -1,0 +1,44 @@
+"""Publish stage: events on a ZeroMQ PUB socket, a small subscriber, and the annotated video output."""
+
+from streamer.publish.events import (
+    KINDS,
+    SCHEMA,
+    AttributesEvent,
+    EmotionInfo,
+    Event,
+    GenderInfo,
+    Heartbeat,
+    Identity,
+    StreamHealth,
+    StreamStatus,
+    TrackEnded,
+    TrackStarted,
+    TrackUpdated,
+    events_json_schema,
+    parse_event,
+)
+from streamer.publish.publisher import EventPublisher, ZmqDefaults
+from streamer.publish.subscriber import EventSubscriber, Received, print_events
+
+__all__ = [
+    "KINDS",
+    "SCHEMA",
+    "AttributesEvent",
+    "EmotionInfo",
+    "Event",
+    "EventPublisher",
+    "EventSubscriber",
+    "GenderInfo",
+    "Heartbeat",
+    "Identity",
+    "Received",
+    "StreamHealth",
+    "StreamStatus",
+    "TrackEnded",
+    "TrackStarted",
+    "TrackUpdated",
+    "ZmqDefaults",
+    "events_json_schema",
+    "parse_event",
+    "print_events",
+]

@@ -1,0 +1,171 @@
+"""The one interface every face detector implements, and the geometry they all share.
+
+A subclass only implements `_detect` (and optionally `_detect_batch`) on an image that is already
+small enough; the base class validates input, shrinks large images to `max_side`, maps results back
+to the original pixels, clips boxes, drops tiny faces and sorts by score. That keeps the detectors
+interchangeable: the same frame gives comparable `Faces` whichever model found them.
+"""
+
+from __future__ import annotations
+
+import logging
+from abc import ABC, abstractmethod
+from collections import OrderedDict
+from collections.abc import Callable, Hashable, Sequence
+from dataclasses import replace
+from pathlib import Path
+from typing import ClassVar, Generic, TypeVar
+
+import cv2
+import numpy as np
+
+from streamer.errors import ModelError
+from streamer.types import Faces, LandmarkScheme
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+
+def check_image(image: object) -> np.ndarray:
+    """The image as a BGR uint8 (H, W, 3) array, or ValueError saying what was expected and what came."""
+    if not isinstance(image, np.ndarray):
+        raise ValueError(f"expected a uint8 BGR image array of shape (H, W, 3), got {type(image).__name__}")
+    if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3 or 0 in image.shape:
+        raise ValueError(
+            f"expected a uint8 BGR image of shape (H, W, 3) with H, W > 0, got {image.dtype} {image.shape}"
+        )
+    return image
+
+
+def shrink(image: np.ndarray, max_side: int) -> tuple[np.ndarray, float, float]:
+    """A copy whose longer side is at most `max_side` (never upscaled) and the x, y factors back."""
+    height, width = image.shape[:2]
+    longer = max(height, width)
+    if longer <= max_side:
+        return image, 1.0, 1.0
+    scale = max_side / longer
+    new_w, new_h = max(1, round(width * scale)), max(1, round(height * scale))
+    # INTER_AREA averages the pixels it drops, so small faces survive the shrink without aliasing.
+    small = cv2.resize(image, (new_w, new_h), interpolation=cv2.INTER_AREA)
+    return small, width / new_w, height / new_h
+
+
+class SizeCache(Generic[T]):
+    """Per-input-size state (a sized model, anchor grids), built once and reused for every frame.
+
+    Bounded so a stream of ever-changing photo sizes cannot grow it without limit.
+    """
+
+    def __init__(self, build: Callable[[Hashable], T], capacity: int = 8) -> None:
+        self._build = build
+        self._capacity = capacity
+        self._items: OrderedDict[Hashable, T] = OrderedDict()
+
+    def get(self, key: Hashable) -> T:
+        if key in self._items:
+            self._items.move_to_end(key)
+            return self._items[key]
+        value = self._build(key)
+        self._items[key] = value
+        if len(self._items) > self._capacity:
+            self._items.popitem(last=False)
+        return value
+
+    def clear(self) -> None:
+        self._items.clear()
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+
+class Detector(ABC):
+    """Finds faces in BGR images. Boxes and landmarks come back in the original image's pixels,
+    sorted by score (highest first). Use as a context manager or call `close()` when done."""
+
+    name: ClassVar[str]
+    scheme: ClassVar[LandmarkScheme]
+
+    def __init__(
+        self,
+        model_path: Path,
+        *,
+        score_threshold: float = 0.6,
+        nms_threshold: float = 0.3,
+        max_side: int = 640,
+        min_face: int = 20,
+    ) -> None:
+        for label, value in (("score_threshold", score_threshold), ("nms_threshold", nms_threshold)):
+            if not 0.0 < value < 1.0:
+                raise ValueError(f"{self.name}: {label} must be in (0, 1), got {value}")
+        if max_side < 32:
+            raise ValueError(f"{self.name}: max_side must be at least 32 pixels, got {max_side}")
+        if min_face < 0:
+            raise ValueError(f"{self.name}: min_face must be >= 0 pixels, got {min_face}")
+        self.model_path = Path(model_path)
+        if not self.model_path.is_file():
+            raise ModelError(f"{self.name} detector: model file not found: {self.model_path}")
+        self.score_threshold = float(score_threshold)
+        self.nms_threshold = float(nms_threshold)
+        self.max_side = int(max_side)
+        self.min_face = int(min_face)
+
+    # -- the interface -------------------------------------------------------------------------
+    def detect(self, image_bgr: np.ndarray) -> Faces:
+        return self.detect_batch([image_bgr])[0]
+
+    def detect_batch(self, images: Sequence[np.ndarray]) -> list[Faces]:
+        """One `Faces` per image, in order. Images may differ in size."""
+        checked = [check_image(image) for image in images]
+        if not checked:
+            return []
+        shrunk = [shrink(image, self.max_side) for image in checked]
+        found = self._detect_batch([small for small, _, _ in shrunk])
+        return [
+            self._finish(faces, fx, fy, image.shape[1], image.shape[0])
+            for faces, (_, fx, fy), image in zip(found, shrunk, checked)
+        ]
+
+    def close(self) -> None:
+        """Release native resources; the detector must not be used afterwards. Safe to call twice."""
+
+    def __enter__(self) -> Detector:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(model_path={str(self.model_path)!r}, "
+            f"score_threshold={self.score_threshold}, "
+            f"nms_threshold={self.nms_threshold}, max_side={self.max_side}, min_face={self.min_face})"
+        )
+
+    # -- what each detector implements ------------------------------------------------------------
+    @abstractmethod
+    def _detect(self, image: np.ndarray) -> Faces:
+        """Faces in `image` (already shrunk, C-contiguous BGR uint8), in its own pixels, any order."""
+
+    def _detect_batch(self, images: list[np.ndarray]) -> list[Faces]:
+        return [self._detect(np.ascontiguousarray(image)) for image in images]
+
+    # -- shared post-processing -------------------------------------------------------------------
+    def _finish(self, faces: Faces, fx: float, fy: float, width: int, height: int) -> Faces:
+        if len(faces) == 0:
+            return Faces.empty(self.scheme)
+        if fx != 1.0 or fy != 1.0:
+            factor = np.array([fx, fy], np.float32)
+            faces = replace(
+                faces, boxes=faces.boxes * np.tile(factor, 2), landmarks=faces.landmarks * factor
+            )
+        # Landmarks stay unclipped: an eye just outside the frame is still where it is, and
+        # alignment needs the true geometry. Boxes are clipped so crops never index outside.
+        boxes = faces.boxes.copy()
+        np.clip(boxes[:, 0::2], 0, width, out=boxes[:, 0::2])
+        np.clip(boxes[:, 1::2], 0, height, out=boxes[:, 1::2])
+        faces = replace(faces, boxes=boxes)
+        sides = np.minimum(boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1])
+        finite = np.isfinite(faces.scores) & np.isfinite(boxes).all(axis=1)
+        keep = finite & (sides > 0) & (sides >= self.min_face)
+        return faces[keep].sorted_by_score()

@@ -1,0 +1,294 @@
+"""Image-level face analysis (the DeepFace-style calls): detect, represent, verify, find, analyze, enroll.
+
+The stream pipeline uses the same parts (detector, embedder, attribute heads, gallery matcher); this
+module only wires them for single images. Models load lazily, once per engine.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from streamer.config import Settings, load_settings
+from streamer.errors import GalleryError, InputError, NoFaceError
+from streamer.models.registry import ModelRegistry
+from streamer.models.runtime import RuntimeOptions
+from streamer.types import Attributes, Faces
+
+log = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".pgm", ".ppm"}
+
+ImageInput = str | Path | np.ndarray
+
+
+def load_image(image: ImageInput) -> np.ndarray:
+    """A BGR uint8 image from a path or an array (grey and BGRA arrays are converted)."""
+    if isinstance(image, np.ndarray):
+        array = image
+        if array.dtype != np.uint8:
+            raise InputError(f"image array must be uint8, got {array.dtype}")
+        if array.ndim == 2:
+            return cv2.cvtColor(array, cv2.COLOR_GRAY2BGR)
+        if array.ndim == 3 and array.shape[2] == 4:
+            return cv2.cvtColor(array, cv2.COLOR_BGRA2BGR)
+        if array.ndim == 3 and array.shape[2] == 3:
+            return array
+        raise InputError(f"image array must be HxW, HxWx3 or HxWx4, got shape {array.shape}")
+    path = Path(image)
+    if not path.exists():
+        raise InputError(f"{path}: no such file")
+    if path.is_dir():
+        raise InputError(f"{path}: is a directory, not an image")
+    # imdecode on bytes instead of imread: imread can't report why it failed and mishandles
+    # non-ASCII paths on some platforms.
+    try:
+        data = np.fromfile(path, dtype=np.uint8)
+    except OSError as exc:
+        raise InputError(f"{path}: cannot read ({exc.strerror})") from None
+    decoded = cv2.imdecode(data, cv2.IMREAD_COLOR) if data.size else None
+    if decoded is None:
+        raise InputError(f"{path}: not an image (or an unsupported/corrupt image file)")
+    return decoded
+
+
+def _name_of(image: ImageInput) -> str:
+    return str(image) if not isinstance(image, np.ndarray) else "<array>"
+
+
+@dataclass(frozen=True)
+class VerifyResult:
+    verified: bool
+    distance: float
+    threshold: float
+    model: str
+    detector: str
+    metric: str
+    face_a: tuple[float, float, float, float]
+    face_b: tuple[float, float, float, float]
+
+
+@dataclass(frozen=True)
+class AnalyzedFace:
+    box: tuple[float, float, float, float]
+    score: float
+    attributes: Attributes
+
+
+@dataclass(frozen=True)
+class FoundFace:
+    box: tuple[float, float, float, float]
+    score: float  # detector confidence
+    match: str | None
+    match_score: float  # similarity in [0, 1], 0.5 at the threshold
+    distance: float | None
+
+
+def _box(row: np.ndarray) -> tuple[float, float, float, float]:
+    return tuple(round(float(v), 1) for v in row)  # type: ignore[return-value]
+
+
+class FaceEngine:
+    """Detector + embedder + attribute heads + gallery matching for whole images."""
+
+    def __init__(self, settings: Settings | None = None) -> None:
+        self.settings = settings or load_settings()
+        models = self.settings.models
+        self.registry = ModelRegistry(
+            model_dir=self.settings.model_dir,
+            cache_dir=models.cache_dir,
+            paths=models.paths,
+            allow_download=models.allow_download,
+            allow_noncommercial=models.allow_noncommercial,
+        )
+        self.runtime = RuntimeOptions(
+            device=self.settings.runtime.device, intra_op_threads=self.settings.runtime.threads
+        )
+        self._heads: dict[str, object] = {}
+
+    # -- parts, loaded on first use ------------------------------------------------------------
+    @cached_property
+    def detector(self):
+        from streamer.detect import create_detector
+
+        return create_detector(self.settings.detector, self.registry)
+
+    @cached_property
+    def embedder(self):
+        from streamer.infer.embedders import create_embedder
+
+        return create_embedder(
+            self.settings.embedder.name,
+            self.registry,
+            self.runtime,
+            threshold=self.settings.embedder.threshold,
+        )
+
+    def head(self, name: str):
+        if name not in self._heads:
+            from streamer.infer.attributes import create_attribute_head
+
+            self._heads[name] = create_attribute_head(name, self.registry, self.runtime)
+        return self._heads[name]
+
+    def close(self) -> None:
+        if "detector" in self.__dict__:
+            self.detector.close()
+
+    def __enter__(self) -> FaceEngine:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- detection ------------------------------------------------------------------------------
+    def detect(self, image: ImageInput) -> Faces:
+        return self.detector.detect(load_image(image))
+
+    def primary_face(self, image: np.ndarray, faces: Faces) -> Faces:
+        """The one face a single-person call uses.
+
+        BlazeFace gives confident false positives larger than the real face, so it picks by score;
+        box detectors (YuNet, SCRFD) pick the largest face, the subject of a portrait.
+        """
+        if len(faces) == 0:
+            raise NoFaceError("no face found")
+        if self.detector.name == "blazeface":
+            return faces[int(np.argmax(faces.scores))]
+        return faces[int(np.argmax(faces.areas))]
+
+    # -- embeddings -----------------------------------------------------------------------------
+    def represent(self, image: ImageInput) -> tuple[Faces, np.ndarray]:
+        """Every face and its embedding (rows in the same order)."""
+        bgr = load_image(image)
+        faces = self.detector.detect(bgr)
+        return faces, self.embed_faces(bgr, faces)
+
+    def embed_faces(self, image: np.ndarray, faces: Faces) -> np.ndarray:
+        chips = self.embedder.spec.prepare(image, faces)
+        return self.embedder.embed(chips)
+
+    def embed_primary(self, image: ImageInput) -> tuple[Faces, np.ndarray]:
+        bgr = load_image(image)
+        try:
+            face = self.primary_face(bgr, self.detector.detect(bgr))
+        except NoFaceError:
+            raise NoFaceError(f"{_name_of(image)}: no face found") from None
+        return face, self.embed_faces(bgr, face)[0]
+
+    def verify(self, image_a: ImageInput, image_b: ImageInput) -> VerifyResult:
+        face_a, emb_a = self.embed_primary(image_a)
+        face_b, emb_b = self.embed_primary(image_b)
+        spec = self.embedder.spec
+        distance = float(self.embedder.distances(emb_a[None], emb_b[None])[0, 0])
+        return VerifyResult(
+            verified=distance < self.embedder.threshold,
+            distance=round(distance, 6),
+            threshold=self.embedder.threshold,
+            model=spec.id,
+            detector=self.detector.name,
+            metric=spec.metric,
+            face_a=_box(face_a.boxes[0]),
+            face_b=_box(face_b.boxes[0]),
+        )
+
+    # -- attributes -----------------------------------------------------------------------------
+    def attributes_of(self, image: np.ndarray, faces: Faces) -> list[Attributes]:
+        from streamer.infer.attributes import combine_attributes
+
+        outputs = {}
+        for name in self.settings.attributes.enabled:
+            head = self.head(name)
+            outputs[name] = head.predict(head.prepare(image, faces))
+        return combine_attributes(len(faces), **outputs)
+
+    def analyze(self, image: ImageInput) -> list[AnalyzedFace]:
+        bgr = load_image(image)
+        faces = self.detector.detect(bgr)
+        attributes = self.attributes_of(bgr, faces)
+        return [
+            AnalyzedFace(box=_box(faces.boxes[i]), score=round(float(faces.scores[i]), 4), attributes=attributes[i])
+            for i in range(len(faces))
+        ]
+
+    # -- gallery --------------------------------------------------------------------------------
+    def open_gallery(self, path: str | Path | None = None, *, create: bool = False):
+        from streamer.match.gallery import Gallery
+
+        path = path or self.settings.gallery.path
+        if path is None:
+            raise GalleryError("no gallery given: pass --gallery PATH or set gallery.path (STREAMER_GALLERY__PATH)")
+        return Gallery(Path(path), create=create)
+
+    def matcher(self, gallery):
+        from streamer.match.matcher import Matcher
+
+        spec = self.embedder.spec
+        return Matcher(gallery, spec.id, spec.metric, self.embedder.threshold)
+
+    def find(self, image: ImageInput, gallery) -> list[FoundFace]:
+        bgr = load_image(image)
+        faces = self.detector.detect(bgr)
+        embeddings = self.embed_faces(bgr, faces)
+        matches = self.matcher(gallery).match(embeddings)
+        return [
+            FoundFace(
+                box=_box(faces.boxes[i]),
+                score=round(float(faces.scores[i]), 4),
+                match=m.name,
+                match_score=round(float(m.score), 4),
+                distance=None if m.distance is None or not np.isfinite(m.distance) else round(float(m.distance), 6),
+            )
+            for i, m in enumerate(matches)
+        ]
+
+    def enrollment_embeddings(self, images: Sequence[ImageInput]) -> tuple[np.ndarray, list[str]]:
+        """One embedding per image (its primary face). Any bad image fails the whole call, so a
+        caller writes nothing unless every image worked."""
+        if not images:
+            raise InputError("no images given")
+        vectors, sources = [], []
+        for image in images:
+            _, vector = self.embed_primary(image)
+            vectors.append(vector)
+            sources.append(Path(image).name if not isinstance(image, np.ndarray) else "<array>")
+        return np.stack(vectors).astype(np.float32), sources
+
+    def enroll(self, gallery, name: str, images: Sequence[ImageInput]) -> int:
+        vectors, sources = self.enrollment_embeddings(images)
+        gallery.add(name, vectors, self.embedder.spec.id, sources)
+        return len(vectors)
+
+    def folder_entries(self, folder: str | Path) -> list[tuple[str, np.ndarray, list[str]]]:
+        """Embeddings for a folder holding one sub-folder per person (the sub-folder names the person).
+
+        Everything is checked and embedded before anything is written, so a bad file anywhere leaves
+        the gallery untouched."""
+        folder = Path(folder)
+        if not folder.is_dir():
+            raise InputError(f"{folder}: not a directory")
+        people = sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+        if not people:
+            raise InputError(f"{folder}: no sub-folders (expected one folder per person holding their photos)")
+        entries = []
+        for person in people:
+            files = sorted(p for p in person.iterdir() if p.is_file() and not p.name.startswith("."))
+            if not files:
+                raise InputError(f"{person}: empty folder (no photos of {person.name})")
+            for file in files:
+                if file.suffix.lower() not in IMAGE_SUFFIXES:
+                    raise InputError(f"{file}: not an image file")
+            vectors, sources = self.enrollment_embeddings(files)
+            entries.append((person.name, vectors, sources))
+        return entries
+
+    def import_folder(self, gallery, folder: str | Path) -> dict[str, int]:
+        entries = self.folder_entries(folder)
+        gallery.add_many(entries, self.embedder.spec.id)
+        return {name: len(vectors) for name, vectors, _ in entries}

@@ -1,0 +1,171 @@
+"""Who is this face: nearest enrolled person by one matrix product against the gallery per batch.
+
+Distances
+- euclidean: ||a - b|| computed as sqrt(max(0, ||a||^2 + ||b||^2 - 2 a.b)) on the vectors as given
+  (the embedder's threshold is calibrated on its own raw space, e.g. 0.6 for dlib's ResNet).
+- cosine: 1 - a.b after L2-normalising both sides, in [0, 2].
+A person's distance is the minimum over that person's faces.
+
+Score
+`score = max(0, 1 - distance / (2 * threshold))`: a similarity in [0, 1] that is 1 for identical vectors,
+exactly 0.5 at the threshold (so score > 0.5 <=> recognised) and 0 at twice the threshold or beyond. It
+is monotone in the distance and comparable across embedders, unlike the raw distance; it is not a
+probability.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+
+from streamer.match.gallery import Gallery
+
+Metric = Literal["euclidean", "cosine"]
+METRICS: tuple[str, ...] = ("euclidean", "cosine")
+
+
+@dataclass(frozen=True)
+class Match:
+    """The best person for one query; `name` is None when nobody is closer than the threshold.
+
+    distance is math.inf (and score 0) when the gallery holds nobody for this embedder.
+    """
+
+    name: str | None
+    distance: float
+    score: float
+
+    @property
+    def known(self) -> bool:
+        return self.name is not None
+
+
+@dataclass(frozen=True)
+class _Index:
+    """The gallery matrix prepared for one metric: faces grouped by person, norms precomputed."""
+
+    source: np.ndarray  # the gallery's cached matrix this was built from (identity = freshness)
+    people: tuple[str, ...]  # one per group, in group order
+    starts: np.ndarray  # (P,) first column of each person's faces in `vectors`
+    vectors: np.ndarray  # (M, D) float32, rows grouped by person; L2-normalised for cosine
+    sq_norms: np.ndarray  # (M,) float32, squared norms (euclidean only)
+
+
+def _normalise(x: np.ndarray) -> np.ndarray:
+    norms = np.linalg.norm(x, axis=1, keepdims=True)
+    return x / np.maximum(norms, np.float32(1e-12))
+
+
+class Matcher:
+    """Matches query embeddings (N, D) against everyone enrolled for one embedder id."""
+
+    def __init__(self, gallery: Gallery, embedder_id: str, metric: Metric, threshold: float) -> None:
+        if not isinstance(embedder_id, str) or not embedder_id:
+            raise ValueError(f"embedder_id: expected a non-empty string, got {embedder_id!r}")
+        if metric not in METRICS:
+            raise ValueError(f"metric: expected one of {METRICS}, got {metric!r}")
+        if not (isinstance(threshold, int | float) and math.isfinite(threshold) and threshold > 0):
+            raise ValueError(f"threshold: expected a finite number > 0, got {threshold!r}")
+        if metric == "cosine" and threshold > 2:
+            raise ValueError(f"threshold: cosine distances lie in [0, 2], got {threshold}")
+        self.gallery = gallery
+        self.embedder_id = embedder_id
+        self.metric: Metric = metric
+        self.threshold = float(threshold)
+        self._index: _Index | None = None
+
+    def __repr__(self) -> str:
+        return f"Matcher({self.gallery!r}, {self.embedder_id!r}, {self.metric!r}, threshold={self.threshold})"
+
+    def score(self, distance: float | np.ndarray) -> float | np.ndarray:
+        """Similarity in [0, 1]; 0.5 exactly at the threshold (see module docstring)."""
+        return np.maximum(0.0, 1.0 - np.asarray(distance, dtype=np.float64) / (2.0 * self.threshold))
+
+    def _current_index(self) -> _Index:
+        names, vectors = self.gallery.matrix(self.embedder_id)
+        index = self._index
+        if index is not None and index.source is vectors:
+            return index
+        # The gallery already groups rows by person; a stable sort keeps this correct if it ever did not.
+        labels, inverse = np.unique(np.asarray(names, dtype=object), return_inverse=True)
+        order = np.argsort(inverse, kind="stable")
+        grouped = vectors[order]
+        starts = np.searchsorted(inverse[order], np.arange(len(labels)))
+        if self.metric == "cosine" and len(grouped):
+            grouped = _normalise(grouped)
+        index = _Index(
+            source=vectors,
+            people=tuple(str(x) for x in labels),
+            starts=starts.astype(np.intp),
+            vectors=np.ascontiguousarray(grouped, dtype=np.float32),
+            sq_norms=np.einsum("ij,ij->i", grouped, grouped).astype(np.float32),
+        )
+        self._index = index
+        return index
+
+    def _check_queries(self, queries: np.ndarray, index: _Index) -> np.ndarray:
+        if not isinstance(queries, np.ndarray) or queries.ndim != 2:
+            shape = getattr(queries, "shape", type(queries).__name__)
+            raise ValueError(f"queries: expected an array of shape (N, D), got {shape}")
+        if not np.issubdtype(queries.dtype, np.floating):
+            raise ValueError(f"queries: expected a float dtype, got {queries.dtype}")
+        dim = index.vectors.shape[1]
+        if len(index.people) and queries.shape[1] != dim:
+            raise ValueError(
+                f"queries: expected dimension {dim} (gallery, embedder {self.embedder_id!r}), got {queries.shape[1]}"
+            )
+        q = np.asarray(queries, dtype=np.float32)
+        if not np.isfinite(q).all():
+            raise ValueError("queries: contain NaN or infinite values")
+        return q
+
+    def distances(self, queries: np.ndarray) -> tuple[tuple[str, ...], np.ndarray]:
+        """(people, (N, P) distance from every query to every person): one matrix product for the batch."""
+        index = self._current_index()
+        q = self._check_queries(queries, index)
+        if not index.people or not len(q):
+            return index.people, np.full((len(q), len(index.people)), np.inf, dtype=np.float32)
+        if self.metric == "cosine":
+            q = _normalise(q)
+            per_face = 1.0 - q @ index.vectors.T
+            per_person = np.minimum.reduceat(per_face, index.starts, axis=1)
+            return index.people, np.clip(per_person, 0.0, 2.0)
+        # min before sqrt: sqrt is monotone, so take it on (N, P) instead of (N, M).
+        sq = np.einsum("ij,ij->i", q, q)[:, None] + index.sq_norms[None, :] - 2.0 * (q @ index.vectors.T)
+        per_person = np.minimum.reduceat(sq, index.starts, axis=1)
+        return index.people, np.sqrt(np.maximum(per_person, 0.0))
+
+    def match(self, queries: np.ndarray) -> list[Match]:
+        """The best person for each query row; unknown (name None) when the best distance >= threshold."""
+        people, dist = self.distances(queries)
+        if not people:
+            return [Match(None, math.inf, 0.0) for _ in range(len(dist))]
+        best = np.argmin(dist, axis=1)
+        best_dist = dist[np.arange(len(dist)), best].astype(np.float64)
+        scores = self.score(best_dist)
+        return [
+            Match(people[j] if d < self.threshold else None, float(d), float(s))
+            for j, d, s in zip(best.tolist(), best_dist.tolist(), scores.tolist())
+        ]
+
+    def top_k(self, query: np.ndarray, k: int = 5) -> list[Match]:
+        """The k nearest people to one query (D,) or (1, D), nearest first, for find-style listings.
+
+        Unlike `match`, names are given even beyond the threshold; `score < 0.5` marks those.
+        """
+        if not isinstance(k, int) or k < 1:
+            raise ValueError(f"k: expected an integer >= 1, got {k!r}")
+        q = np.asarray(query)
+        if q.ndim == 1:
+            q = q[None, :]
+        if q.ndim != 2 or len(q) != 1:
+            raise ValueError(f"query: expected shape (D,) or (1, D), got {np.shape(query)}")
+        people, dist = self.distances(q)
+        row = dist[0].astype(np.float64)
+        k = min(k, len(people))
+        nearest = np.argsort(row, kind="stable")[:k]
+        scores = self.score(row[nearest])
+        return [Match(people[j], float(row[j]), float(s)) for j, s in zip(nearest.tolist(), scores.tolist())]

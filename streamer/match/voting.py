@@ -1,0 +1,186 @@
+"""Per-track identity vote and attribute smoothing, one instance of each per stream.
+
+A single recognition can be wrong (blur, profile, a look-alike); a track's identity is the confident
+majority of its recognitions, and its attributes are averages over the track. State is a few numbers
+per track (counts and sums, no history lists) and is dropped by `forget` when the track ends; an LRU
+cap guards against a caller that forgets to.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from streamer.types import Attributes, Emotion, Gender
+
+if TYPE_CHECKING:
+    from streamer.config import RecognitionSettings
+
+_DEFAULT_MAX_TRACKS = 10_000
+_GENDER_LABELS = ("man", "woman")
+
+
+@dataclass(frozen=True)
+class Announcement:
+    """A track's identity became confident, or its confident winner changed.
+
+    name           winner's name, None for unknown
+    score          mean match score of the winner's votes (what the matcher reported for them)
+    votes          votes per known name
+    unknown_votes  votes for "unknown" (kept apart so `votes` is JSON-ready with string keys)
+    """
+
+    track_id: int
+    name: str | None
+    score: float
+    votes: dict[str, int]
+    unknown_votes: int
+
+    @property
+    def total_votes(self) -> int:
+        return sum(self.votes.values()) + self.unknown_votes
+
+
+_NEVER = object()  # no announcement yet (None already means "unknown")
+
+
+@dataclass
+class _Ballot:
+    counts: dict[str | None, int] = field(default_factory=dict)
+    score_sums: dict[str | None, float] = field(default_factory=dict)
+    announced: object = _NEVER
+
+
+def _check_max_tracks(owner: str, max_tracks: int) -> None:
+    if max_tracks < 1:
+        raise ValueError(f"{owner}: max_tracks must be >= 1, got {max_tracks}")
+
+
+class IdentityVoter:
+    """Majority vote over a track's recognitions; announces when confident, again only on a change."""
+
+    def __init__(self, min_votes: int = 2, vote_share: float = 0.6, max_tracks: int = _DEFAULT_MAX_TRACKS) -> None:
+        if min_votes < 1:
+            raise ValueError(f"IdentityVoter: min_votes must be >= 1, got {min_votes}")
+        # Above one half, so two names can never both be confident (a tie never announces).
+        if not 0.5 < vote_share <= 1.0:
+            raise ValueError(f"IdentityVoter: vote_share must be in (0.5, 1], got {vote_share}")
+        _check_max_tracks("IdentityVoter", max_tracks)
+        self.min_votes = int(min_votes)
+        self.vote_share = float(vote_share)
+        self.max_tracks = int(max_tracks)
+        self._ballots: OrderedDict[int, _Ballot] = OrderedDict()
+
+    @classmethod
+    def from_settings(cls, settings: RecognitionSettings) -> IdentityVoter:
+        return cls(min_votes=settings.min_votes, vote_share=settings.vote_share)
+
+    def __len__(self) -> int:
+        return len(self._ballots)
+
+    def add(self, track_id: int, name: str | None, score: float) -> Announcement | None:
+        """Count one recognition of `track_id` (`name` None = unknown); return an announcement or None."""
+        if not math.isfinite(score):
+            raise ValueError(f"IdentityVoter.add: score must be finite, got {score}")
+        track_id = int(track_id)
+        ballot = self._ballots.get(track_id)
+        if ballot is None:
+            ballot = self._ballots[track_id] = _Ballot()
+            while len(self._ballots) > self.max_tracks:
+                self._ballots.popitem(last=False)
+        else:
+            self._ballots.move_to_end(track_id)
+        ballot.counts[name] = ballot.counts.get(name, 0) + 1
+        ballot.score_sums[name] = ballot.score_sums.get(name, 0.0) + float(score)
+
+        total = sum(ballot.counts.values())
+        leader, leader_votes = max(ballot.counts.items(), key=lambda item: item[1])
+        if total < self.min_votes or leader_votes < self.vote_share * total:
+            return None
+        if ballot.announced is not _NEVER and ballot.announced == leader:
+            return None
+        ballot.announced = leader
+        return Announcement(
+            track_id=track_id,
+            name=leader,
+            score=ballot.score_sums[leader] / leader_votes,
+            votes={k: v for k, v in ballot.counts.items() if k is not None},
+            unknown_votes=ballot.counts.get(None, 0),
+        )
+
+    def forget(self, track_id: int) -> None:
+        self._ballots.pop(int(track_id), None)
+
+    def reset(self) -> None:
+        self._ballots.clear()
+
+
+@dataclass
+class _Sums:
+    age_sum: float = 0.0
+    age_n: int = 0
+    man_sum: float = 0.0
+    gender_n: int = 0
+    emotion_sums: dict[str, float] = field(default_factory=dict)
+    emotion_n: int = 0
+
+
+class AttributeSmoother:
+    """Running means over a track: age averaged, gender by mean P(man), emotion by mean class scores."""
+
+    def __init__(self, max_tracks: int = _DEFAULT_MAX_TRACKS) -> None:
+        _check_max_tracks("AttributeSmoother", max_tracks)
+        self.max_tracks = int(max_tracks)
+        self._sums: OrderedDict[int, _Sums] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._sums)
+
+    def add(self, track_id: int, attributes: Attributes) -> Attributes:
+        """Fold one observation into the track; return the smoothed attributes (None where never seen)."""
+        track_id = int(track_id)
+        sums = self._sums.get(track_id)
+        if sums is None:
+            sums = self._sums[track_id] = _Sums()
+            while len(self._sums) > self.max_tracks:
+                self._sums.popitem(last=False)
+        else:
+            self._sums.move_to_end(track_id)
+
+        if attributes.age is not None:
+            sums.age_sum += float(attributes.age)
+            sums.age_n += 1
+        if attributes.gender is not None:
+            gender = attributes.gender
+            if gender.label not in _GENDER_LABELS:
+                raise ValueError(f"AttributeSmoother: gender label must be one of {_GENDER_LABELS}, got {gender.label!r}")
+            p = float(gender.probability)
+            sums.man_sum += p if gender.label == "man" else 1.0 - p
+            sums.gender_n += 1
+        if attributes.emotion is not None:
+            # A label missing from one observation counts as probability 0 there.
+            for label, value in attributes.emotion.scores.items():
+                sums.emotion_sums[label] = sums.emotion_sums.get(label, 0.0) + float(value)
+            sums.emotion_n += 1
+        return self._smoothed(sums)
+
+    @staticmethod
+    def _smoothed(sums: _Sums) -> Attributes:
+        age = sums.age_sum / sums.age_n if sums.age_n else None
+        gender = None
+        if sums.gender_n:
+            p_man = sums.man_sum / sums.gender_n
+            gender = Gender("man", p_man) if p_man >= 0.5 else Gender("woman", 1.0 - p_man)
+        emotion = None
+        if sums.emotion_n and sums.emotion_sums:
+            scores = {label: total / sums.emotion_n for label, total in sums.emotion_sums.items()}
+            emotion = Emotion(label=max(scores, key=scores.__getitem__), scores=scores)
+        return Attributes(age=age, gender=gender, emotion=emotion)
+
+    def forget(self, track_id: int) -> None:
+        self._sums.pop(int(track_id), None)
+
+    def reset(self) -> None:
+        self._sums.clear()

@@ -1,0 +1,531 @@
+"""The detect worker: readers, detection, tracking, which faces need inference, and what the results mean.
+
+One process. One reader thread per source (PyAV releases the GIL while decoding); everything stateful
+(trackers, gates, votes) lives on this process's main thread. Chips go to the inference worker over a
+DEALER socket; results come back on the same socket and are matched against the gallery here, where the
+per-track state is. Events go to the supervisor, which owns the public PUB socket and the seq counter
+(so a restarted worker never resets seq).
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import zmq
+
+from streamer.config import Settings
+from streamer.errors import StreamerError
+from streamer.pipeline.transport import SocketDefaults, decode, encode, make_socket
+from streamer.types import Attributes, Emotion, Faces, Frame, Gender
+
+log = logging.getLogger(__name__)
+
+REQUEST_TIMEOUT_S = 10.0  # a request unanswered this long is given up (inference worker restarting)
+DRAIN_TIMEOUT_S = 10.0
+
+
+@dataclass
+class TrackLabel:
+    """What we currently believe about a track, for the annotated output."""
+
+    name: str | None = None
+    known: bool = False
+    attributes: Attributes | None = None
+
+
+@dataclass
+class StreamState:
+    id: str
+    source: Any
+    tracker: Any
+    gate: Any
+    voter: Any
+    smoother: Any
+    writer: Any = None
+    labels: dict[int, TrackLabel] = field(default_factory=dict)
+    last_update_emit: dict[int, float] = field(default_factory=dict)
+    frames: int = 0
+    fps: float = 0.0
+    fps_window_start: float = field(default_factory=time.monotonic)
+    fps_window_frames: int = 0
+    ended: bool = False
+    last_frame: Frame | None = None
+
+
+class DetectWorker:
+    def __init__(
+        self,
+        settings: Settings,
+        inference_endpoint: str,
+        events_endpoint: str,
+        *,
+        progress: bool = False,
+        context: zmq.Context | None = None,
+    ) -> None:
+        from streamer.detect import create_detector
+        from streamer.engine import FaceEngine
+        from streamer.infer.attributes import create_attribute_head  # noqa: F401  (import errors surface early)
+        from streamer.infer.embedders import embedder_spec
+
+        self.settings = settings
+        self.running = True
+        self.progress = progress
+        engine = FaceEngine(settings)
+        # ByteTrack's second stage needs the low-score detections, so detect down to the tracker's low bar.
+        detector_settings = settings.detector.model_copy(
+            update={"score_threshold": min(settings.detector.score_threshold, settings.tracker.low_threshold)}
+        )
+        self.detector = create_detector(detector_settings, engine.registry)
+        self.embedder_spec = embedder_spec(settings.embedder.name, engine.registry)
+        self.threshold = settings.embedder.threshold or self.embedder_spec.threshold
+        self.head_specs = {name: _head_spec(name) for name in settings.attributes.enabled}
+        self.gallery = None
+        self.matcher = None
+        if settings.gallery.path is not None:
+            from streamer.match.gallery import Gallery
+            from streamer.match.matcher import Matcher
+
+            self.gallery = Gallery(Path(settings.gallery.path), create=False, readonly=True)
+            self.matcher = Matcher(self.gallery, self.embedder_spec.id, self.embedder_spec.metric, self.threshold)
+
+        self.context = context or zmq.Context.instance()
+        self.requests = make_socket(
+            self.context, zmq.DEALER, hwm=SocketDefaults.REQUEST_HWM, connect=inference_endpoint
+        )
+        self.events = make_socket(self.context, zmq.PUSH, hwm=SocketDefaults.EVENT_HWM, connect=events_endpoint)
+        self.pending: dict[int, float] = {}  # request id -> sent at
+        self.next_request = 1
+        self.requests_dropped = 0
+        self.faces_sent = 0
+        self.streams: list[StreamState] = []
+        self.started = time.monotonic()
+        self.first_frame_at: float | None = None
+        self.last_frame_at: float | None = None
+        self.last_heartbeat = time.monotonic()
+
+    # -- lifecycle ------------------------------------------------------------------------------------
+    def open_streams(self) -> None:
+        from streamer.match.voting import AttributeSmoother, IdentityVoter
+        from streamer.sources import open_source
+        from streamer.track.bytetrack import ByteTracker
+        from streamer.track.gate import InferenceGate
+
+        for index, source_settings in enumerate(self.settings.sources):
+            stream_id = source_settings.id or f"cam{index}"
+            source = open_source(source_settings, stream_id, self.settings.reconnect)
+            self.streams.append(
+                StreamState(
+                    id=stream_id,
+                    source=source,
+                    tracker=ByteTracker.from_settings(self.settings.tracker),
+                    gate=InferenceGate.from_settings(self.settings.recognition),
+                    voter=IdentityVoter.from_settings(self.settings.recognition),
+                    smoother=AttributeSmoother(),
+                )
+            )
+        for stream in self.streams:
+            stream.source.start()
+
+    def stop(self, *_: object) -> None:
+        self.running = False
+
+    def run(self) -> None:
+        try:
+            self.open_streams()
+            self._loop()
+            self._drain()
+        finally:
+            self._close()
+
+    def _loop(self) -> None:
+        while self.running:
+            worked = False
+            for stream in self.streams:
+                self._forward_status(stream)
+                if stream.ended:
+                    continue
+                frame = stream.source.read(timeout=0)
+                if frame is not None:
+                    self.process(stream, frame)
+                    worked = True
+                elif stream.source.finished:
+                    self._forward_status(stream)
+                    self._end_stream(stream)
+            self._receive_results(timeout_ms=0 if worked else 5)
+            self._expire_requests()
+            self._maybe_heartbeat()
+            if all(s.ended for s in self.streams):
+                break
+
+    def _drain(self) -> None:
+        """Wait for in-flight inference, then end every track and stream cleanly."""
+        deadline = time.monotonic() + DRAIN_TIMEOUT_S
+        while self.pending and time.monotonic() < deadline:
+            self._receive_results(timeout_ms=50)
+        for stream in self.streams:
+            self._forward_status(stream)
+            self._end_stream(stream)
+        self._send_stats()
+
+    def _close(self) -> None:
+        for stream in self.streams:
+            stream.source.stop()
+            if stream.writer is not None:
+                stream.writer.close()
+        self.detector.close()
+        if self.gallery is not None:
+            self.gallery.close()
+        self.requests.close()
+        self.events.close(linger=2000)  # let the last events reach the supervisor
+
+    # -- per frame ----------------------------------------------------------------------------------------
+    def process(self, stream: StreamState, frame: Frame) -> None:
+        stream.last_frame = frame
+        detections = self.detector.detect(frame.image)
+        update = stream.tracker.update(detections, frame.index, frame.pts)
+        for info in update.started:
+            self._emit("track.started", stream, frame, track=info.track_id, box=list(info.box))
+        for info in update.ended:
+            self._end_track(stream, info, frame)
+        faces = update.faces
+        self._maybe_track_updates(stream, frame, faces)
+        rows = stream.gate.select(frame.image, faces, frame.pts)
+        if len(rows):
+            self._request_inference(stream, frame, faces[rows])
+        if stream.writer is not None or self.settings.output.path is not None:
+            self._write_output(stream, frame, detections, faces)
+        self._count_fps(stream)
+
+    def _maybe_track_updates(self, stream: StreamState, frame: Frame, faces: Faces) -> None:
+        interval = self.settings.publish.track_update_s
+        if interval <= 0:
+            return
+        for row in range(len(faces)):
+            track = int(faces.track_ids[row])
+            last = stream.last_update_emit.get(track)
+            if last is None:
+                stream.last_update_emit[track] = frame.pts  # started just now; no update yet
+            elif frame.pts - last >= interval:
+                stream.last_update_emit[track] = frame.pts
+                self._emit("track.updated", stream, frame, track=track, box=_box(faces.boxes[row]))
+
+    def _end_track(self, stream: StreamState, info: Any, frame: Frame | None) -> None:
+        self._emit(
+            "track.ended",
+            stream,
+            frame,
+            track=info.track_id,
+            box=list(info.box),
+            duration=max(0.0, float(info.duration_s)),
+            frames=int(info.frames_seen),
+            at_frame=info.last_frame,
+            at_pts=info.last_timestamp,
+        )
+        stream.gate.forget([info.track_id])
+        stream.voter.forget(info.track_id)
+        stream.smoother.forget(info.track_id)
+        stream.labels.pop(info.track_id, None)
+        stream.last_update_emit.pop(info.track_id, None)
+
+    def _end_stream(self, stream: StreamState) -> None:
+        if stream.ended:
+            return
+        for info in stream.tracker.flush():
+            self._end_track(stream, info, stream.last_frame)
+        status = "ended"
+        self._emit_raw({"kind": "stream.status", "stream": stream.id, "status": status, "detail": "end of input"})
+        stream.ended = True
+
+    def _forward_status(self, stream: StreamState) -> None:
+        for change in stream.source.poll_status():
+            if change.status == "ended":
+                continue  # sent by _end_stream after the last tracks have ended
+            self._emit_raw(
+                {"kind": "stream.status", "stream": stream.id, "status": change.status, "detail": change.detail}
+            )
+            if change.status == "lost":
+                # A reconnect restarts the stream clock; coasting tracks would never match again.
+                for info in stream.tracker.flush():
+                    self._end_track(stream, info, stream.last_frame)
+
+    # -- inference ------------------------------------------------------------------------------------------
+    def _request_inference(self, stream: StreamState, frame: Frame, faces: Faces) -> None:
+        arrays: dict[str, np.ndarray] = {"chips": self.embedder_spec.prepare(frame.image, faces)}
+        for name, prepare in self.head_specs.items():
+            arrays[name] = prepare(frame.image, faces)
+        request_id = self.next_request
+        self.next_request += 1
+        header = {
+            "id": request_id,
+            "n": len(faces),
+            "stream": stream.id,
+            "frame": frame.index,
+            "pts": frame.pts,
+            "decoded_at": frame.decoded_at,
+            "tracks": faces.track_ids.tolist(),
+            "boxes": [_box(b) for b in faces.boxes],
+        }
+        # Live sources must never stall on inference; files wait (backpressure) so no face is skipped.
+        flags = zmq.NOBLOCK if stream.source.live else 0
+        try:
+            self.requests.send_multipart(encode(header, arrays), flags=flags, copy=False)
+        except zmq.Again:
+            self.requests_dropped += 1
+            return
+        self.pending[request_id] = time.monotonic()
+        self.faces_sent += len(faces)
+
+    def _receive_results(self, timeout_ms: int) -> None:
+        if not self.requests.poll(timeout_ms, zmq.POLLIN):
+            return
+        while True:
+            try:
+                frames = self.requests.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return
+            message = decode(frames)
+            if self.pending.pop(message.header["id"], None) is None:
+                continue  # given up on already
+            self._handle_result(message.header, message.arrays)
+
+    def _expire_requests(self) -> None:
+        now = time.monotonic()
+        for request_id, sent in list(self.pending.items()):
+            if now - sent > REQUEST_TIMEOUT_S:
+                del self.pending[request_id]
+                log.warning("inference request %d timed out (is the inference worker running?)", request_id)
+
+    def _handle_result(self, header: dict[str, Any], arrays: dict[str, np.ndarray]) -> None:
+        stream = next((s for s in self.streams if s.id == header["stream"]), None)
+        if stream is None:
+            return
+        tracks = header["tracks"]
+        matches = None
+        if "embedding" in arrays and self.matcher is not None:
+            matches = self.matcher.match(arrays["embedding"])
+        attributes = _attributes_from_arrays(len(tracks), arrays)
+        for row, track in enumerate(tracks):
+            label = stream.labels.setdefault(track, TrackLabel())
+            fields = {
+                "track": track,
+                "box": header["boxes"][row],
+                "frame": header["frame"],
+                "pts": header["pts"],
+            }
+            if "embedding" in arrays:
+                if matches is not None:
+                    match = matches[row]
+                    name, distance, score = match.name, match.distance, match.score
+                else:  # no gallery: every face is unknown, by definition
+                    name, distance, score = None, float("inf"), 0.0
+                announcement = stream.voter.add(track, name, score)
+                if announcement is not None:
+                    label.name = announcement.name
+                    label.known = announcement.name is not None
+                    votes = dict(announcement.votes)
+                    if announcement.unknown_votes:
+                        votes["unknown"] = announcement.unknown_votes
+                    extra = {}
+                    if self.settings.publish.include_embeddings:
+                        extra["embedding"] = [float(v) for v in arrays["embedding"][row]]
+                    self._emit_raw(
+                        {
+                            "kind": "identity",
+                            "stream": stream.id,
+                            **fields,
+                            "name": announcement.name,
+                            "score": round(float(announcement.score), 4),
+                            "distance": _finite(distance),
+                            "votes": votes,
+                            **extra,
+                        },
+                        decoded_at=header["decoded_at"],
+                    )
+            if attributes is not None:
+                smoothed = stream.smoother.add(track, attributes[row])
+                label.attributes = smoothed
+                self._emit_raw(
+                    {"kind": "attributes", "stream": stream.id, **fields, **_attributes_fields(smoothed)},
+                    decoded_at=header["decoded_at"],
+                )
+
+    # -- output ----------------------------------------------------------------------------------------------
+    def _write_output(self, stream: StreamState, frame: Frame, detections: Faces, tracked: Faces) -> None:
+        from streamer.publish.annotate import FaceLabel, draw_faces
+        from streamer.track.bytetrack import box_iou
+
+        if stream.writer is None:
+            from streamer.publish.video import VideoWriter
+
+            path = Path(self.settings.output.path)
+            if len(self.settings.sources) > 1:
+                path = path.with_name(f"{path.stem}-{stream.id}{path.suffix}")
+            fps = getattr(stream.source, "fps", None) or 30.0
+            stream.writer = VideoWriter(path, fps, frame.width, frame.height)
+        labels: list[FaceLabel] = []
+        # Every detection is drawn (and blurred unless known), tracked or not: an untracked face is
+        # never exposed just because its track is not confirmed yet.
+        iou = box_iou(detections.boxes, tracked.boxes) if len(tracked) and len(detections) else None
+        for row in range(len(detections)):
+            track, label = -1, TrackLabel()
+            if iou is not None and iou[row].max() > 0.9:
+                track = int(tracked.track_ids[int(iou[row].argmax())])
+                label = stream.labels.get(track, TrackLabel())
+            attrs = label.attributes or Attributes()
+            labels.append(
+                FaceLabel(
+                    track=track,
+                    name=label.name,
+                    age=attrs.age,
+                    gender=attrs.gender.label if attrs.gender else None,
+                    emotion=attrs.emotion.label if attrs.emotion else None,
+                    known=label.known,
+                )
+            )
+        blur = np.array([not lab.known for lab in labels], bool) if self.settings.output.blur_unknown else None
+        stream.writer.write(draw_faces(frame.image, detections.boxes, labels, blur))
+
+    # -- events -------------------------------------------------------------------------------------------------
+    def _emit(self, kind: str, stream: StreamState, frame: Frame | None, **fields: Any) -> None:
+        at_frame = fields.pop("at_frame", None)
+        at_pts = fields.pop("at_pts", None)
+        payload = {
+            "kind": kind,
+            "stream": stream.id,
+            "frame": at_frame if at_frame is not None else (frame.index if frame else 0),
+            "pts": at_pts if at_pts is not None else (frame.pts if frame else 0.0),
+            **fields,
+        }
+        self._emit_raw(payload, decoded_at=frame.decoded_at if frame is not None else None)
+
+    def _emit_raw(self, payload: dict[str, Any], decoded_at: float | None = None) -> None:
+        import orjson
+
+        if decoded_at is not None:
+            payload["_decoded_at"] = decoded_at
+        try:
+            self.events.send(orjson.dumps(payload), zmq.NOBLOCK)
+        except zmq.Again:
+            log.warning("event dropped: supervisor not reading")
+
+    def _count_fps(self, stream: StreamState) -> None:
+        self.last_frame_at = time.monotonic()
+        if self.first_frame_at is None:
+            self.first_frame_at = self.last_frame_at
+        stream.frames += 1
+        stream.fps_window_frames += 1
+        now = time.monotonic()
+        if now - stream.fps_window_start >= 1.0:
+            stream.fps = stream.fps_window_frames / (now - stream.fps_window_start)
+            stream.fps_window_start, stream.fps_window_frames = now, 0
+
+    def _maybe_heartbeat(self) -> None:
+        now = time.monotonic()
+        if now - self.last_heartbeat >= min(1.0, self.settings.publish.heartbeat_s):
+            self.last_heartbeat = now
+            self._send_stats()
+
+    def _send_stats(self) -> None:
+        streams = {}
+        for stream in self.streams:
+            stats = stream.source.stats
+            streams[stream.id] = {
+                "fps": round(stream.fps, 2),
+                "frames": stream.frames,
+                "dropped": int(stats.dropped),
+                "status": "ended" if stream.ended else stats.status,
+                "reconnects": int(stats.reconnects),
+            }
+        self._emit_raw(
+            {
+                "kind": "_stats",
+                "streams": streams,
+                "queues": {"inference_pending": len(self.pending), "inference_dropped": self.requests_dropped},
+                "faces_sent": self.faces_sent,
+                "first_frame_at": self.first_frame_at,
+                "last_frame_at": self.last_frame_at,
+            }
+        )
+
+
+def _head_spec(name: str):
+    from streamer.infer.attributes import prepare_function
+
+    return prepare_function(name)
+
+
+def _box(row: np.ndarray) -> list[float]:
+    return [round(float(v), 1) for v in row]
+
+
+def _finite(value: float) -> float | None:
+    return round(float(value), 6) if np.isfinite(value) else None
+
+
+def _attributes_from_arrays(n: int, arrays: dict[str, np.ndarray]) -> list[Attributes] | None:
+    if not any(k in arrays for k in ("age", "gender", "emotion")):
+        return None
+    out = []
+    for i in range(n):
+        age = float(arrays["age"][i]) if "age" in arrays else None
+        gender = None
+        if "gender" in arrays:
+            p_man = float(arrays["gender"][i])
+            gender = Gender("man", p_man) if p_man >= 0.5 else Gender("woman", 1.0 - p_man)
+        emotion = None
+        if "emotion" in arrays:
+            scores = {label: float(p) for label, p in zip(Emotion.LABELS, arrays["emotion"][i])}
+            emotion = Emotion(label=max(scores, key=scores.__getitem__), scores=scores)
+        out.append(Attributes(age=age, gender=gender, emotion=emotion))
+    return out
+
+
+def _attributes_fields(attributes: Attributes) -> dict[str, Any]:
+    return {
+        "age": None if attributes.age is None else round(float(attributes.age), 1),
+        "gender": None
+        if attributes.gender is None
+        else {"label": attributes.gender.label, "probability": round(float(attributes.gender.probability), 4)},
+        "emotion": None
+        if attributes.emotion is None
+        else {
+            "label": attributes.emotion.label,
+            "scores": {k: round(float(v), 4) for k, v in attributes.emotion.scores.items()},
+        },
+    }
+
+
+def detect_main(
+    settings_data: dict[str, Any],
+    inference_endpoint: str,
+    events_endpoint: str,
+    progress: bool = False,
+    log_level: int = logging.WARNING,
+) -> None:
+    """Process entry point (spawned by the supervisor)."""
+    logging.basicConfig(level=log_level, format="%(asctime)s %(levelname)s detect: %(message)s", stream=sys.stderr)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor turns Ctrl-C into SIGTERM for us
+    try:
+        worker = DetectWorker(Settings(**settings_data), inference_endpoint, events_endpoint, progress=progress)
+        signal.signal(signal.SIGTERM, worker.stop)
+        worker.run()
+    except StreamerError as exc:
+        # A user error (missing file, bad gallery, missing model): tell the supervisor, which prints one
+        # line and exits non-zero instead of restarting us forever.
+        _report_fatal(events_endpoint, str(exc))
+        sys.exit(2)
+
+
+def _report_fatal(events_endpoint: str, message: str) -> None:
+    import orjson
+
+    socket = make_socket(zmq.Context.instance(), zmq.PUSH, hwm=10, connect=events_endpoint)
+    socket.send(orjson.dumps({"kind": "_fatal", "message": message}))
+    socket.close(linger=2000)

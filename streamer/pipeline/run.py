@@ -1,0 +1,289 @@
+"""The supervisor: starts the two workers, owns the public PUB socket, restarts crashed workers.
+
+    supervisor (this process)      -- PUB tcp://127.0.0.1:5556 --> subscribers
+        |  ^ events (PULL, ipc)
+        v  |
+    detect worker  <-- DEALER/ROUTER (ipc or tcp) -->  inference worker
+
+The supervisor stamps `seq` on every event, so a restarted worker never makes subscribers see seq
+start over. SIGINT/SIGTERM become a graceful drain: the detect worker finishes in-flight inference,
+ends every track, publishes the final stream status, and everything exits 0.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import os
+import signal
+import sys
+import tempfile
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+import zmq
+from pydantic import TypeAdapter, ValidationError
+
+from streamer.config import Settings
+from streamer.errors import StreamerError
+from streamer.pipeline.transport import SocketDefaults, make_socket
+
+log = logging.getLogger(__name__)
+
+MAX_RESTARTS = 5  # within RESTART_WINDOW_S; beyond that the failure is not transient
+RESTART_WINDOW_S = 60.0
+STOP_GRACE_S = 20.0
+
+
+class PipelineFailed(StreamerError):
+    exit_code = 1
+
+
+@dataclass
+class RunSummary:
+    published: int = 0
+    dropped: int = 0
+    latencies_ms: deque = field(default_factory=lambda: deque(maxlen=100_000))
+    frames: int = 0
+    faces_sent: int = 0
+    started: float = field(default_factory=time.monotonic)
+    finished: float | None = None
+    restarts: dict[str, int] = field(default_factory=lambda: {"detect": 0, "inference": 0})
+    last_stats: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def seconds(self) -> float:
+        return (self.finished or time.monotonic()) - self.started
+
+
+class _Worker:
+    def __init__(self, name: str, target: Any, args: tuple) -> None:
+        self.name, self.target, self.args = name, target, args
+        self.process: multiprocessing.process.BaseProcess | None = None
+        self.crashes: deque[float] = deque()
+
+    def start(self) -> None:
+        context = multiprocessing.get_context("spawn")  # no fork: onnxruntime/MediaPipe threads don't survive it
+        self.process = context.Process(target=self.target, args=self.args, name=f"streamer-{self.name}", daemon=True)
+        self.process.start()
+
+    @property
+    def alive(self) -> bool:
+        return self.process is not None and self.process.is_alive()
+
+    @property
+    def exitcode(self) -> int | None:
+        return None if self.process is None else self.process.exitcode
+
+    def signal(self, signum: int) -> None:
+        if self.alive and self.process is not None and self.process.pid:
+            try:
+                os.kill(self.process.pid, signum)
+            except ProcessLookupError:
+                pass
+
+    def join(self, timeout: float) -> None:
+        if self.process is None:
+            return
+        self.process.join(timeout)
+        if self.process.is_alive():
+            self.process.kill()
+            self.process.join(2)
+
+    def may_restart(self) -> bool:
+        now = time.monotonic()
+        self.crashes.append(now)
+        while self.crashes and now - self.crashes[0] > RESTART_WINDOW_S:
+            self.crashes.popleft()
+        return len(self.crashes) <= MAX_RESTARTS
+
+
+class Supervisor:
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        progress: bool = False,
+        print_events: bool = False,
+        log_level: int | None = None,
+    ) -> None:
+        from streamer.publish.events import Event
+        from streamer.publish.publisher import EventPublisher
+
+        self.settings = settings
+        self.summary = RunSummary()
+        self.stopping = False
+        self.fatal: str | None = None
+        self.progress = progress
+        self.print_events = print_events
+        self.log_level = log_level if log_level is not None else logging.getLogger().getEffectiveLevel()
+        self._event_adapter = TypeAdapter(Event)
+        self._tmp = tempfile.TemporaryDirectory(prefix="streamer-")
+        self.context = zmq.Context.instance()
+        # Bind the public socket first: a port in use fails here, before any worker starts.
+        self.publisher = EventPublisher(
+            settings.publish.endpoint,
+            settings.publish.sndhwm,
+            include_crops=settings.publish.include_crops,
+            include_embeddings=settings.publish.include_embeddings,
+        )
+        self.events_endpoint = f"ipc://{self._tmp.name}/events"
+        self.inference_endpoint = settings.inference.endpoint or f"ipc://{self._tmp.name}/inference"
+        self.events = make_socket(self.context, zmq.PULL, hwm=SocketDefaults.EVENT_HWM, bind=self.events_endpoint)
+        settings_data = settings.model_dump(mode="json")
+        from streamer.pipeline.detect_worker import detect_main
+        from streamer.pipeline.inference_worker import inference_main
+
+        self.inference = None
+        if settings.inference.endpoint is None:  # else a remote worker serves us
+            self.inference = _Worker("inference", inference_main, (settings_data, self.inference_endpoint, self.log_level))
+        self.detect = _Worker(
+            "detect", detect_main, (settings_data, self.inference_endpoint, self.events_endpoint, progress, self.log_level)
+        )
+        self._last_heartbeat = time.monotonic()
+        self._bars: dict[str, Any] = {}
+
+    # -- public ----------------------------------------------------------------------------------------
+    def request_stop(self, *_: object) -> None:
+        if not self.stopping:
+            self.stopping = True
+            self.detect.signal(signal.SIGTERM)
+
+    def run(self) -> RunSummary:
+        if self.inference is not None:
+            self.inference.start()
+        self.detect.start()
+        stop_deadline: float | None = None
+        try:
+            while True:
+                self._pump(timeout_ms=50)
+                self._maybe_heartbeat()
+                if self.stopping and stop_deadline is None:
+                    stop_deadline = time.monotonic() + STOP_GRACE_S
+                if stop_deadline is not None and time.monotonic() > stop_deadline:
+                    log.error("detect worker did not stop in %.0f s; killing it", STOP_GRACE_S)
+                    self.detect.join(0)
+                if not self.detect.alive:
+                    code = self.detect.exitcode
+                    self._pump(timeout_ms=200, until_idle=True)
+                    if self.fatal:
+                        raise StreamerError(self.fatal)
+                    if code == 0 or self.stopping:
+                        break
+                    self._restart(self.detect, code)
+                if self.inference is not None and not self.inference.alive and not self.stopping:
+                    self._restart(self.inference, self.inference.exitcode)
+            self._publish_heartbeat()
+            return self.summary
+        finally:
+            self.summary.finished = time.monotonic()
+            self.detect.join(5)
+            if self.inference is not None:
+                self.inference.signal(signal.SIGTERM)
+                self.inference.join(5)
+            for bar in self._bars.values():
+                bar.close()
+            self.events.close()
+            self.publisher.close()
+            self._tmp.cleanup()
+
+    # -- internals ------------------------------------------------------------------------------------------
+    def _restart(self, worker: _Worker, code: int | None) -> None:
+        log.error("%s worker exited unexpectedly (exit code %s); restarting it", worker.name, code)
+        if worker is self.detect:
+            for stream in self.summary.last_stats.get("streams", {}):
+                self._publish({"kind": "stream.status", "stream": stream, "status": "lost",
+                               "detail": f"detect worker crashed (exit code {code}); restarting"})
+        if not worker.may_restart():
+            raise PipelineFailed(f"{worker.name} worker keeps crashing (exit code {code}); giving up")
+        self.summary.restarts[worker.name] += 1
+        worker.start()
+
+    def _pump(self, timeout_ms: int, until_idle: bool = False) -> None:
+        while self.events.poll(timeout_ms, zmq.POLLIN):
+            while True:
+                try:
+                    data = self.events.recv(zmq.NOBLOCK)
+                except zmq.Again:
+                    break
+                self._handle(orjson.loads(data))
+            if not until_idle:
+                return
+
+    def _handle(self, payload: dict[str, Any]) -> None:
+        kind = payload.get("kind")
+        if kind == "_stats":
+            self.summary.last_stats = payload
+            self.summary.faces_sent = payload.get("faces_sent", 0)
+            self.summary.frames = sum(s["frames"] for s in payload["streams"].values())
+            self._update_progress(payload)
+            return
+        if kind == "_fatal":
+            self.fatal = payload["message"]
+            return
+        self._publish(payload)
+
+    def _publish(self, payload: dict[str, Any]) -> None:
+        decoded_at = payload.pop("_decoded_at", None)
+        try:
+            event = self._event_adapter.validate_python(payload)
+        except ValidationError as exc:  # a bug, not a user error: say which event was malformed
+            log.error("dropping malformed %s event: %s", payload.get("kind"), exc)
+            return
+        sent = self.publisher.publish(event)
+        self.summary.published += 1
+        if self.print_events:
+            sys.stdout.write(f"{sent.topic.decode()} {sent.payload().decode()}\n")
+            sys.stdout.flush()
+        if decoded_at is not None:
+            self.summary.latencies_ms.append((time.monotonic() - decoded_at) * 1000)
+
+    def _maybe_heartbeat(self) -> None:
+        if time.monotonic() - self._last_heartbeat >= self.settings.publish.heartbeat_s:
+            self._publish_heartbeat()
+
+    def _publish_heartbeat(self) -> None:
+        self._last_heartbeat = time.monotonic()
+        stats = self.summary.last_stats
+        if not stats:
+            return
+        queues = dict(stats.get("queues", {}))
+        queues["publish_dropped"] = self.publisher.dropped
+        self._publish(
+            {
+                "kind": "heartbeat",
+                "streams": stats.get("streams", {}),
+                "queues": queues,
+                "uptime": round(time.monotonic() - self.summary.started, 3),
+            }
+        )
+
+    def _update_progress(self, stats: dict[str, Any]) -> None:
+        if not self.progress:
+            return
+        from tqdm import tqdm
+
+        for stream, info in stats.get("streams", {}).items():
+            total = info.get("total_frames")
+            if not total:
+                continue
+            bar = self._bars.get(stream)
+            if bar is None:
+                bar = self._bars[stream] = tqdm(total=total, desc=stream, unit="frame", leave=True, file=sys.stderr)
+            bar.update(max(0, info["frames"] - bar.n))
+
+
+def run_pipeline(settings: Settings, progress: bool = True, print_events: bool = False) -> int:
+    """`streamer run`: returns the process exit code."""
+    supervisor = Supervisor(settings, progress=progress and sys.stderr.isatty(), print_events=print_events)
+    previous = {sig: signal.signal(sig, supervisor.request_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        summary = supervisor.run()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    log.info("published %d events in %.1f s", summary.published, summary.seconds)
+    return 0

@@ -1,0 +1,269 @@
+"""The events streamer publishes: a fixed wire contract that subscribers code against.
+
+On the wire every event is a ZeroMQ multipart message:
+
+    frame 0  topic    b"<kind>.<stream id>"  (UTF-8; subscribe by prefix: b"identity." or b"identity.cam1")
+    frame 1  payload  one JSON object (UTF-8), the model below serialized
+    frame 2  crop     JPEG bytes of the face, only when crops are enabled (payload then has "crop": true)
+
+Every payload carries `schema`, `kind`, `seq`, `ts` and `stream`; events tied to a frame add `frame` and `pts`,
+face events add `track` and `box`. `seq` is assigned by the publisher (1, 2, 3, ... per publisher), so events are
+built with `seq=0` ("not yet published") and `EventPublisher.publish` stamps the real number; `parse_event`
+rejects a 0 coming off the wire.
+
+`embedding` (identity) and `crop` are privacy-sensitive: they are absent from the payload unless the user turned
+them on, and the publisher is the one place that enforces it.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Annotated, Any, ClassVar, Literal, NamedTuple, Union
+
+import numpy as np
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, TypeAdapter
+
+from streamer.types import Attributes
+
+SCHEMA = "streamer.event/1"
+
+# Heartbeats describe the whole publisher, not one stream; this is their `stream` (topic "heartbeat.*").
+ALL_STREAMS = "*"
+
+StreamStatusValue = Literal["connected", "lost", "reconnected", "ended"]
+# A heartbeat can also see a stream that has not delivered its first frame yet.
+StreamHealthStatus = Literal["connecting", "connected", "lost", "reconnected", "ended"]
+
+
+def _plain(value: Any) -> Any:
+    """numpy arrays and scalars as plain Python values, so callers can pass `faces.boxes[i]` directly."""
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
+
+
+Box = Annotated[
+    tuple[float, float, float, float],
+    BeforeValidator(_plain),
+    Field(description="x1, y1, x2, y2 in frame pixels"),
+]
+Float = Annotated[float, BeforeValidator(_plain)]
+Int = Annotated[int, BeforeValidator(_plain)]
+StreamId = Annotated[str, Field(min_length=1, pattern=r"^[^\s.]+$", description="stream id (no dots or spaces)")]
+
+
+def _optional_on_wire(value: Any) -> bool:
+    return value is None
+
+
+def _seq_on_wire(schema: dict[str, Any]) -> None:
+    # seq 0 only exists before publishing; on the wire it starts at 1 and is always present.
+    schema["minimum"] = 1
+    schema.pop("default", None)
+
+
+class EventBase(BaseModel):
+    """Fields every payload carries."""
+
+    model_config = ConfigDict(
+        frozen=True,
+        extra="forbid",
+        # The exported schema describes what is on the wire, where defaulted fields are always present.
+        json_schema_serialization_defaults_required=True,
+        serialize_by_alias=True,
+        validate_by_name=True,
+        validate_by_alias=True,
+    )
+
+    # Fields that are left out of the payload when unset; not "required" in the exported schema.
+    OPTIONAL_ON_WIRE: ClassVar[tuple[str, ...]] = ()
+
+    schema_: Literal["streamer.event/1"] = Field(SCHEMA, alias="schema", description="payload schema name/version")
+    kind: str
+    seq: int = Field(
+        0,
+        ge=0,
+        description="per publisher: 1, 2, 3, ... one per message; a jump means messages were lost",
+        json_schema_extra=_seq_on_wire,
+    )
+    ts: float = Field(default_factory=time.time, description="wall clock, unix seconds")
+    stream: StreamId
+
+    @property
+    def topic(self) -> bytes:
+        return f"{self.kind}.{self.stream}".encode()
+
+    def payload(self) -> bytes:
+        return self.model_dump_json().encode()
+
+    @classmethod
+    def __get_pydantic_json_schema__(cls, core_schema: Any, handler: Any) -> dict[str, Any]:
+        schema = handler(core_schema)
+        target = handler.resolve_ref_schema(schema)
+        if cls.OPTIONAL_ON_WIRE and "required" in target:
+            target["required"] = [n for n in target["required"] if n not in cls.OPTIONAL_ON_WIRE]
+        return schema
+
+
+# Fields are required unless the wire contract says they may be missing; "name or null" style fields are
+# required-and-nullable, so a subscriber never has to guess whether absent means unknown.
+class FrameEvent(EventBase):
+    frame: Int = Field(ge=0, description="0-based index of the frame in its stream")
+    pts: Float = Field(description="stream timestamp of the frame, seconds")
+
+
+class FaceEvent(FrameEvent):
+    OPTIONAL_ON_WIRE: ClassVar[tuple[str, ...]] = ("crop",)
+
+    track: Int = Field(ge=0, description="track id, unique within the stream")
+    box: Box
+    crop: bool | None = Field(
+        None,
+        exclude_if=_optional_on_wire,
+        description="present (true) only when crops are enabled: the message has a 3rd frame with a JPEG crop",
+    )
+
+
+class StreamStatus(EventBase):
+    kind: Literal["stream.status"] = "stream.status"
+    status: StreamStatusValue
+    detail: str = ""
+
+
+class TrackStarted(FaceEvent):
+    kind: Literal["track.started"] = "track.started"
+
+
+class TrackUpdated(FaceEvent):
+    """Sent at most every `publish.track_update_s` per track."""
+
+    kind: Literal["track.updated"] = "track.updated"
+
+
+class TrackEnded(FaceEvent):
+    kind: Literal["track.ended"] = "track.ended"
+    duration: Float = Field(ge=0, description="seconds from first to last sighting (stream clock)")
+    frames: int = Field(ge=0, description="frames in which the track was seen")
+
+
+class Identity(FaceEvent):
+    OPTIONAL_ON_WIRE: ClassVar[tuple[str, ...]] = ("crop", "embedding")
+
+    kind: Literal["identity"] = "identity"
+    name: str | None = Field(description="gallery name, or null for an unknown face")
+    score: Float = Field(description="confidence of the decision in [0, 1]")
+    distance: Float = Field(description="embedding distance to the best gallery match")
+    votes: dict[str, int] = Field(description='recognitions of this track per name ("unknown" for no match)')
+    embedding: list[float] | None = Field(
+        None,
+        exclude_if=_optional_on_wire,
+        description="L2-normalised face embedding, present only when embeddings are enabled",
+    )
+
+
+class GenderInfo(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    label: Literal["man", "woman"]
+    probability: Float = Field(ge=0, le=1)
+
+
+class EmotionInfo(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    label: str
+    scores: dict[str, float]
+
+
+class AttributesEvent(FaceEvent):
+    """Smoothed over the track: age averaged, gender and emotion by probability."""
+
+    kind: Literal["attributes"] = "attributes"
+    age: Annotated[float, Field(ge=0), BeforeValidator(_plain)] | None = Field(
+        description="years, or null when not estimated"
+    )
+    gender: GenderInfo | None
+    emotion: EmotionInfo | None
+
+    @classmethod
+    def from_attributes(cls, attributes: Attributes, **fields: Any) -> AttributesEvent:
+        """Build from the pipeline's `Attributes` value plus the stream/frame/track fields."""
+        gender = attributes.gender
+        emotion = attributes.emotion
+        return cls(
+            age=attributes.age,
+            gender=None if gender is None else GenderInfo(label=gender.label, probability=gender.probability),
+            emotion=None if emotion is None else EmotionInfo(label=emotion.label, scores=dict(emotion.scores)),
+            **fields,
+        )
+
+
+class StreamHealth(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    fps: Float = Field(ge=0)
+    frames: int = Field(ge=0)
+    dropped: int = Field(ge=0)
+    status: StreamHealthStatus
+    reconnects: int = Field(ge=0)
+
+
+class Heartbeat(EventBase):
+    kind: Literal["heartbeat"] = "heartbeat"
+    stream: StreamId = ALL_STREAMS
+    streams: dict[str, StreamHealth]
+    queues: dict[str, int] = Field(description="queue name -> current depth")
+    uptime: Float = Field(ge=0, description="seconds since start")
+
+
+Event = Annotated[
+    Union[StreamStatus, TrackStarted, TrackUpdated, TrackEnded, Identity, AttributesEvent, Heartbeat],
+    Field(discriminator="kind"),
+]
+EVENT_TYPES: tuple[type[EventBase], ...] = (
+    StreamStatus,
+    TrackStarted,
+    TrackUpdated,
+    TrackEnded,
+    Identity,
+    AttributesEvent,
+    Heartbeat,
+)
+KINDS: tuple[str, ...] = tuple(t.model_fields["kind"].default for t in EVENT_TYPES)
+
+_ADAPTER: TypeAdapter[Event] = TypeAdapter(Event)
+
+
+class WireMessage(NamedTuple):
+    """One event as its ZeroMQ frames."""
+
+    topic: bytes
+    payload: bytes
+    crop: bytes | None = None
+
+    @property
+    def frames(self) -> list[bytes]:
+        return [self.topic, self.payload] if self.crop is None else [self.topic, self.payload, self.crop]
+
+
+def parse_event(topic: bytes, payload: bytes) -> Event:
+    """Validate one received message. Raises ValueError (pydantic's ValidationError is one) when it is not a
+    valid event or the topic does not match the payload's kind and stream."""
+    event = _ADAPTER.validate_json(payload)
+    if event.seq < 1:
+        raise ValueError(f"seq: expected >= 1 on the wire, got {event.seq}")
+    if topic != event.topic:
+        raise ValueError(f"topic: expected {event.topic!r} for this payload, got {topic!r}")
+    return event
+
+
+def events_json_schema() -> dict[str, Any]:
+    """JSON Schema of the payload union, as it appears on the wire (`streamer events schema`)."""
+    schema = _ADAPTER.json_schema(mode="serialization", by_alias=True)
+    schema["title"] = "streamer event"
+    schema["description"] = (
+        f"Payload (frame 1) of a streamer ZeroMQ event, schema {SCHEMA!r}. Topic (frame 0) is '<kind>.<stream>'."
+    )
+    return schema

@@ -1,0 +1,185 @@
+"""PyAV (FFmpeg) backend: files, RTSP, HTTP(S) and lavfi test sources.
+
+Demux and decode are separate so one undecodable packet is skipped instead of ending the stream. Frames that
+fps sampling skips are never converted to BGR (the conversion is the expensive part after decoding).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import av
+import av.error
+
+from streamer.config import ReconnectSettings
+from streamer.errors import SourceError
+from streamer.sources.base import RawFrame, ThreadedSource
+
+log = logging.getLogger(__name__)
+
+Kind = Literal["file", "rtsp", "http", "lavfi"]
+
+# Small probe windows: the default (5 s / 5 MB) makes an RTSP open take ~1 s instead of ~0.15 s.
+_LOW_LATENCY = {"analyzeduration": "100000", "probesize": "32768", "fflags": "nobuffer", "flags": "low_delay"}
+
+
+@dataclass
+class _Handle:
+    container: av.container.InputContainer
+    stream: av.video.stream.VideoStream
+    rate: float | None  # frames per second from the container, for pts fallback and loop offsets
+
+
+def _micros(seconds: float) -> str:
+    return str(int(seconds * 1_000_000))
+
+
+class PyAVSource(ThreadedSource[_Handle]):
+    """A video input opened with `av.open`.
+
+    kind   "file" (a path), "rtsp" (rtsp:// or rtsps://), "http" (http(s)://), "lavfi" (a filter graph,
+           e.g. "testsrc2=size=1280x720:rate=30").
+    fps    sample to this rate by pts (None: every frame).
+    loop   files: replay from the start at the end (pts keep increasing across replays).
+    pace   deliver frames at their pts rate in wall time. Default: on for live files and lavfi, which
+           FFmpeg otherwise produces as fast as it can; network streams pace themselves.
+    """
+
+    def __init__(
+        self,
+        stream_id: str,
+        url: str,
+        *,
+        kind: Kind,
+        target: str,
+        live: bool,
+        reconnect: ReconnectSettings | None = None,
+        fps: float | None = None,
+        loop: bool = False,
+        pace: bool | None = None,
+    ) -> None:
+        if kind not in ("file", "rtsp", "http", "lavfi"):
+            raise ValueError(f"PyAVSource kind: expected file, rtsp, http or lavfi, got {kind!r}")
+        if fps is not None and fps <= 0:
+            raise ValueError(f"PyAVSource fps: expected > 0 or None, got {fps}")
+        super().__init__(stream_id, url, live=live, reconnect=reconnect, loop=loop)
+        self.kind = kind
+        self.target = target  # what av.open gets: a path, a URL or a filter graph
+        self.fps = fps
+        self.pace = live and kind in ("file", "lavfi") if pace is None else pace
+        # Local inputs open instantly and deterministically: fail fast on them instead of retrying.
+        self._open_in_start = kind in ("file", "lavfi")
+        self._pts_offset = 0.0  # seconds added to pts after each replay of a looped file
+
+    # ------------------------------------------------------------------ backend hooks
+
+    def _options(self) -> tuple[str | None, dict[str, str]]:
+        r = self.reconnect
+        if self.kind == "rtsp":
+            # `timeout` is the socket I/O timeout in microseconds (FFmpeg >= 5).
+            return None, {"rtsp_transport": "tcp", "timeout": _micros(r.frame_timeout_s), **_LOW_LATENCY}
+        if self.kind == "http":
+            options = {"timeout": _micros(r.frame_timeout_s)}
+            return None, options | _LOW_LATENCY if self.live else options
+        if self.kind == "lavfi":
+            return "lavfi", {}
+        return None, {}
+
+    def _open(self) -> _Handle:
+        if self.kind == "file" and not Path(self.target).is_file():
+            raise SourceError(f"source {self.id}: video file {self.target} does not exist")
+        fmt, options = self._options()
+        # timeout=(open, read) arms FFmpeg's interrupt callback: a dead peer cannot block us forever and
+        # stop() is noticed within these bounds.
+        container = av.open(
+            self.target,
+            format=fmt,
+            options=options,
+            timeout=(self.reconnect.open_timeout_s, self.reconnect.frame_timeout_s),
+        )
+        try:
+            if not container.streams.video:
+                raise SourceError(f"source {self.id}: {self.url} has no video stream")
+            stream = container.streams.video[0]
+            stream.thread_type = "AUTO"
+            rate = stream.average_rate or stream.guessed_rate or stream.base_rate
+        except BaseException:
+            container.close()
+            raise
+        handle = _Handle(container, stream, float(rate) if rate else None)
+        log.info(
+            "source %s: opened %s (%s, %dx%d, %s fps)",
+            self.id, self.url, stream.codec_context.name, stream.codec_context.width,
+            stream.codec_context.height, f"{handle.rate:.2f}" if handle.rate else "?",
+        )  # fmt: skip
+        return handle
+
+    def _close(self, handle: _Handle) -> None:
+        handle.container.close()
+
+    def _describe_error(self, exc: BaseException) -> str:
+        if isinstance(exc, av.error.FFmpegError):
+            return exc.strerror or str(exc)
+        return super()._describe_error(exc)
+
+    def _iterate(self, handle: _Handle) -> Iterator[RawFrame]:
+        period = 1.0 / self.fps if self.fps else 0.0
+        next_due: float | None = None
+        clock_anchor: tuple[float, float] | None = None  # (pts, monotonic) for pacing
+        count = 0
+        while True:
+            first_pts = last_pts = None
+            for frame in self._decode(handle):
+                count += 1
+                if frame.time is not None:
+                    pts = float(frame.time)
+                elif handle.rate:
+                    pts = (count - 1) / handle.rate
+                else:
+                    pts = time.monotonic()
+                if first_pts is None:
+                    first_pts = pts
+                last_pts = pts
+                pts += self._pts_offset
+                if period:
+                    if next_due is not None and pts < next_due - 1e-6:
+                        continue
+                    # Step the schedule in whole periods so the sampled rate stays exact over time.
+                    next_due = pts + period if next_due is None else next_due + period
+                    while next_due <= pts:
+                        next_due += period
+                if self.pace:
+                    clock_anchor = self._wait_for(pts, clock_anchor)
+                    if self._stop.is_set():
+                        return
+                image = frame.to_ndarray(format="bgr24")
+                yield RawFrame(image, pts, time.monotonic())
+            if not (self.loop and self.kind == "file") or first_pts is None or self._stop.is_set():
+                return
+            frame_time = 1.0 / handle.rate if handle.rate else 0.0
+            self._pts_offset += last_pts - first_pts + frame_time
+            handle.container.seek(0)
+            log.debug("source %s: looping %s", self.id, self.url)
+
+    def _decode(self, handle: _Handle) -> Iterator[av.VideoFrame]:
+        for packet in handle.container.demux(handle.stream):
+            try:
+                yield from packet.decode()
+            except av.error.InvalidDataError as exc:  # one bad packet; the next key frame recovers
+                log.debug("source %s: skipped undecodable packet: %s", self.id, exc)
+
+    def _wait_for(self, pts: float, anchor: tuple[float, float] | None) -> tuple[float, float]:
+        now = time.monotonic()
+        if anchor is None:
+            return pts, now
+        due = anchor[1] + (pts - anchor[0])
+        if due - now > 1.0 or now - due > 1.0:  # a jump in pts or a long stall: re-anchor, do not burst
+            return pts, now
+        if due > now:
+            self._stop.wait(due - now)
+        return anchor

@@ -1,0 +1,315 @@
+"""ByteTrack-style face tracker: one per stream, Kalman prediction + two-stage IoU association.
+
+Why two stages: a face turning away or blurring drops in detector score; instead of losing the
+track, low-score detections are allowed to continue tracks that were live on the previous frame,
+but never to start new ones (Zhang et al., "ByteTrack", ECCV 2022).
+
+Life of a track: an unmatched high-score detection starts a *tentative* track; after `min_hits`
+consecutive hits it is *confirmed* and gets its public id (reported in `TrackUpdate.started`).
+A tentative track that misses one frame is dropped silently. A confirmed track survives up to
+`max_missed` consecutive missed frames (matching again keeps its id); one more miss ends it
+(reported in `TrackUpdate.ended`) and it is evicted, so memory is bounded by the live faces.
+
+State is held as stacked arrays (structure of arrays) so prediction, IoU and Kalman correction are
+one numpy call per frame for all tracks.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import numpy as np
+from scipy.optimize import linear_sum_assignment
+
+from streamer.track import kalman
+from streamer.types import Faces
+
+if TYPE_CHECKING:
+    from streamer.config import TrackerSettings
+
+log = logging.getLogger(__name__)
+
+# ByteTrack's second stage demands more overlap (its default 0.5): low-score boxes are often
+# background, and only a close fit to a live track's prediction makes them trustworthy.
+_LOW_SCORE_MIN_IOU = 0.5
+_INFEASIBLE = 1e6
+
+
+class IdCounter:
+    """Hands out public track ids. An object, not a global: one per stream, or shared on purpose."""
+
+    def __init__(self, start: int = 1) -> None:
+        if start < 0:
+            raise ValueError(f"IdCounter: start must be >= 0 (-1 means untracked), got {start}")
+        self._next = int(start)
+
+    def next(self) -> int:
+        value = self._next
+        self._next += 1
+        return value
+
+    @property
+    def peek(self) -> int:
+        return self._next
+
+
+@dataclass(frozen=True)
+class TrackInfo:
+    """A confirmed track as reported when it starts or ends. Frames and timestamps are of its detections."""
+
+    track_id: int
+    first_frame: int
+    last_frame: int
+    first_timestamp: float
+    last_timestamp: float
+    frames_seen: int  # frames in which a detection was matched to the track
+    box: tuple[float, float, float, float]  # last matched detection box, x1 y1 x2 y2
+
+    @property
+    def duration_s(self) -> float:
+        return self.last_timestamp - self.first_timestamp
+
+    @property
+    def frames_spanned(self) -> int:
+        return self.last_frame - self.first_frame + 1
+
+
+@dataclass(frozen=True)
+class TrackUpdate:
+    """Result of one `ByteTracker.update`.
+
+    faces    detections of confirmed tracks only, in detection order, track_ids set, boxes and
+             landmarks as detected (not the Kalman estimate: alignment needs the real landmarks)
+    started  tracks confirmed on this frame
+    ended    tracks that ended on this frame (missed more than max_missed frames)
+    """
+
+    faces: Faces
+    started: list[TrackInfo] = field(default_factory=list)
+    ended: list[TrackInfo] = field(default_factory=list)
+
+
+def box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Pairwise IoU of (M, 4) and (N, 4) x1y1x2y2 boxes -> (M, N)."""
+    a = np.asarray(a, dtype=np.float64).reshape(-1, 4)
+    b = np.asarray(b, dtype=np.float64).reshape(-1, 4)
+    lt = np.maximum(a[:, None, :2], b[None, :, :2])
+    rb = np.minimum(a[:, None, 2:], b[None, :, 2:])
+    inter = np.prod(np.clip(rb - lt, 0, None), axis=2)
+    area_a = np.prod(np.clip(a[:, 2:] - a[:, :2], 0, None), axis=1)
+    area_b = np.prod(np.clip(b[:, 2:] - b[:, :2], 0, None), axis=1)
+    union = area_a[:, None] + area_b[None, :] - inter
+    return np.divide(inter, union, out=np.zeros_like(inter), where=union > 0)
+
+
+def _assign(iou: np.ndarray, min_iou: float) -> tuple[np.ndarray, np.ndarray]:
+    """Hungarian assignment maximising IoU; pairs below `min_iou` are never matched."""
+    if iou.size == 0:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    cost = np.where(iou >= min_iou, 1.0 - iou, _INFEASIBLE)
+    rows, cols = linear_sum_assignment(cost)
+    keep = cost[rows, cols] < _INFEASIBLE
+    return rows[keep].astype(np.int64), cols[keep].astype(np.int64)
+
+
+class _Tracks:
+    """Live tracks as parallel arrays (one row per track)."""
+
+    def __init__(self) -> None:
+        self.mean = np.zeros((0, 8))
+        self.cov = np.zeros((0, 8, 8))
+        self.track_id = np.zeros(0, np.int64)  # -1 while tentative
+        self.hits = np.zeros(0, np.int64)  # consecutive matched frames
+        self.missed = np.zeros(0, np.int64)  # consecutive missed frames
+        self.frames_seen = np.zeros(0, np.int64)
+        self.first_frame = np.zeros(0, np.int64)
+        self.last_frame = np.zeros(0, np.int64)
+        self.first_ts = np.zeros(0, np.float64)
+        self.last_ts = np.zeros(0, np.float64)
+        self.box = np.zeros((0, 4), np.float64)
+
+    _COLUMNS = (
+        "mean", "cov", "track_id", "hits", "missed", "frames_seen",
+        "first_frame", "last_frame", "first_ts", "last_ts", "box",
+    )  # fmt: skip
+
+    def __len__(self) -> int:
+        return len(self.track_id)
+
+    def keep(self, mask: np.ndarray) -> None:
+        for name in self._COLUMNS:
+            setattr(self, name, getattr(self, name)[mask])
+
+    def add(self, boxes: np.ndarray, frame_index: int, timestamp: float) -> None:
+        n = len(boxes)
+        mean, cov = kalman.initiate(kalman.xyxy_to_xyah(boxes))
+        new = {
+            "mean": mean,
+            "cov": cov,
+            "track_id": np.full(n, -1, np.int64),
+            "hits": np.ones(n, np.int64),
+            "missed": np.zeros(n, np.int64),
+            "frames_seen": np.ones(n, np.int64),
+            "first_frame": np.full(n, frame_index, np.int64),
+            "last_frame": np.full(n, frame_index, np.int64),
+            "first_ts": np.full(n, timestamp, np.float64),
+            "last_ts": np.full(n, timestamp, np.float64),
+            "box": np.asarray(boxes, np.float64).reshape(n, 4),
+        }
+        for name in self._COLUMNS:
+            setattr(self, name, np.concatenate([getattr(self, name), new[name]]))
+
+    def info(self, row: int) -> TrackInfo:
+        return TrackInfo(
+            track_id=int(self.track_id[row]),
+            first_frame=int(self.first_frame[row]),
+            last_frame=int(self.last_frame[row]),
+            first_timestamp=float(self.first_ts[row]),
+            last_timestamp=float(self.last_ts[row]),
+            frames_seen=int(self.frames_seen[row]),
+            box=tuple(float(v) for v in self.box[row]),  # type: ignore[arg-type]
+        )
+
+
+class ByteTracker:
+    """Multi-face tracker for one stream. Not thread-safe: call from the stream's own thread."""
+
+    def __init__(
+        self,
+        high_threshold: float = 0.6,
+        low_threshold: float = 0.3,
+        match_iou: float = 0.2,
+        min_hits: int = 3,
+        max_missed: int = 30,
+        id_counter: IdCounter | None = None,
+    ) -> None:
+        if not 0.0 < low_threshold < high_threshold < 1.0:
+            raise ValueError(
+                "ByteTracker: expected 0 < low_threshold < high_threshold < 1, "
+                f"got low_threshold={low_threshold}, high_threshold={high_threshold}"
+            )
+        if not 0.0 < match_iou < 1.0:
+            raise ValueError(f"ByteTracker: match_iou must be in (0, 1), got {match_iou}")
+        if min_hits < 1:
+            raise ValueError(f"ByteTracker: min_hits must be >= 1, got {min_hits}")
+        if max_missed < 1:
+            raise ValueError(f"ByteTracker: max_missed must be >= 1, got {max_missed}")
+        self.high_threshold = float(high_threshold)
+        self.low_threshold = float(low_threshold)
+        self.match_iou = float(match_iou)
+        self.min_hits = int(min_hits)
+        self.max_missed = int(max_missed)
+        self.ids = id_counter if id_counter is not None else IdCounter()
+        self._tracks = _Tracks()
+
+    @classmethod
+    def from_settings(cls, settings: TrackerSettings, id_counter: IdCounter | None = None) -> ByteTracker:
+        return cls(**settings.model_dump(), id_counter=id_counter)
+
+    @property
+    def num_tracks(self) -> int:
+        """Live tracks, tentative ones included (what the tracker holds in memory)."""
+        return len(self._tracks)
+
+    @property
+    def active_ids(self) -> np.ndarray:
+        """Public ids of live confirmed tracks (matched now or coasting through misses)."""
+        ids = self._tracks.track_id
+        return ids[ids >= 0].copy()
+
+    def reset(self) -> None:
+        """Forget every track without reporting it (call `flush()` first to get the ended events).
+
+        The id counter keeps counting so that ids are never reused on this stream after a reconnect.
+        """
+        self._tracks = _Tracks()
+
+    def flush(self) -> list[TrackInfo]:
+        """End every live confirmed track (shutdown, end of file) and clear the tracker."""
+        tracks = self._tracks
+        ended = [tracks.info(row) for row in np.flatnonzero(tracks.track_id >= 0)]
+        self.reset()
+        return ended
+
+    def update(self, faces: Faces, frame_index: int, timestamp: float) -> TrackUpdate:
+        """Associate this frame's detections; each call advances the motion model by one step."""
+        tracks = self._tracks
+        n_tracks = len(tracks)
+
+        # Predict. Lost tracks keep drifting but stop growing/shrinking (ByteTrack zeroes vh).
+        if n_tracks:
+            mean = tracks.mean.copy()
+            mean[tracks.missed > 0, 7] = 0.0
+            tracks.mean, tracks.cov = kalman.predict(mean, tracks.cov)
+        predicted = kalman.xyah_to_xyxy(tracks.mean[:, :4]) if n_tracks else np.zeros((0, 4))
+
+        scores = faces.scores
+        high = np.flatnonzero(scores >= self.high_threshold)
+        low = np.flatnonzero((scores >= self.low_threshold) & (scores < self.high_threshold))
+
+        det_of_track = np.full(n_tracks, -1, np.int64)
+
+        # Stage 1: high-score detections against every track (confirmed, lost, tentative).
+        if n_tracks and len(high):
+            rows, cols = _assign(box_iou(predicted, faces.boxes[high]), self.match_iou)
+            det_of_track[rows] = high[cols]
+        matched_high = np.zeros(len(faces), bool)
+        matched_high[det_of_track[det_of_track >= 0]] = True
+
+        # Stage 2: low-score detections only continue confirmed tracks that were live last frame.
+        if n_tracks and len(low):
+            candidates = np.flatnonzero((det_of_track < 0) & (tracks.track_id >= 0) & (tracks.missed == 0))
+            if len(candidates):
+                iou = box_iou(predicted[candidates], faces.boxes[low])
+                rows, cols = _assign(iou, max(self.match_iou, _LOW_SCORE_MIN_IOU))
+                det_of_track[candidates[rows]] = low[cols]
+
+        # Correct matched tracks.
+        matched = np.flatnonzero(det_of_track >= 0)
+        if len(matched):
+            det = det_of_track[matched]
+            boxes = faces.boxes[det]
+            tracks.mean[matched], tracks.cov[matched] = kalman.update(
+                tracks.mean[matched], tracks.cov[matched], kalman.xyxy_to_xyah(boxes)
+            )
+            tracks.hits[matched] += 1
+            tracks.frames_seen[matched] += 1
+            tracks.missed[matched] = 0
+            tracks.last_frame[matched] = frame_index
+            tracks.last_ts[matched] = timestamp
+            tracks.box[matched] = boxes
+        unmatched = det_of_track < 0
+        tracks.hits[unmatched] = 0
+        tracks.missed[unmatched] += 1
+
+        # End confirmed tracks missing too long; drop tentative ones at their first miss.
+        ended_rows = np.flatnonzero(unmatched & (tracks.track_id >= 0) & (tracks.missed > self.max_missed))
+        ended = [tracks.info(row) for row in ended_rows]
+        alive = ~(unmatched & ((tracks.track_id < 0) | (tracks.missed > self.max_missed)))
+        tracks.keep(alive)
+        det_of_track = det_of_track[alive]
+
+        # Unmatched high-score detections start tentative tracks.
+        new = high[~matched_high[high]]
+        if len(new):
+            tracks.add(faces.boxes[new], frame_index, timestamp)
+            det_of_track = np.concatenate([det_of_track, new])
+
+        # Confirm tentative tracks with enough consecutive hits.
+        started = []
+        for row in np.flatnonzero((tracks.track_id < 0) & (tracks.hits >= self.min_hits)):
+            tracks.track_id[row] = self.ids.next()
+            started.append(tracks.info(row))
+
+        # Report detections of confirmed tracks, in detection order.
+        confirmed = (det_of_track >= 0) & (tracks.track_id >= 0)
+        ids = np.full(len(faces), -1, np.int64)
+        ids[det_of_track[confirmed]] = tracks.track_id[confirmed]
+        keep = ids >= 0
+        out = faces[keep].with_track_ids(ids[keep])
+        if started or ended:
+            log.debug("frame %d: started %s ended %s", frame_index,
+                      [t.track_id for t in started], [t.track_id for t in ended])  # fmt: skip
+        return TrackUpdate(faces=out, started=started, ended=ended)
