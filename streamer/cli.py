@@ -164,7 +164,7 @@ def _verify_pairs(args: argparse.Namespace) -> int:
         pairs = [(row["file_a"], row["file_b"]) for row in reader]
     cache: dict[str, Any] = {}
     with _engine(args) as engine:
-        threshold = engine.embedder.threshold
+        threshold = engine.embedder.spec.threshold
 
         def embedding(name: str):
             if name not in cache:

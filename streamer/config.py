@@ -64,8 +64,8 @@ class SourceSettings(_Section):
     @field_validator("id")
     @classmethod
     def _id_is_topic_safe(cls, value: str | None) -> str | None:
-        if value is not None and (not value or any(c in value for c in " .\t\n")):
-            raise ValueError("stream id must be non-empty with no spaces or dots (it is part of the topic)")
+        if value is not None and (not value or any(c in value for c in " .*\t\n")):
+            raise ValueError("stream id must be non-empty, without spaces, dots or * (it is part of the topic)")
         return value
 
 

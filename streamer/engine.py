@@ -188,9 +188,9 @@ class FaceEngine:
         spec = self.embedder.spec
         distance = float(self.embedder.distances(emb_a[None], emb_b[None])[0, 0])
         return VerifyResult(
-            verified=distance < self.embedder.threshold,
+            verified=distance < self.embedder.spec.threshold,
             distance=round(distance, 6),
-            threshold=self.embedder.threshold,
+            threshold=self.embedder.spec.threshold,
             model=spec.id,
             detector=self.detector.name,
             metric=spec.metric,
@@ -230,7 +230,7 @@ class FaceEngine:
         from streamer.match.matcher import Matcher
 
         spec = self.embedder.spec
-        return Matcher(gallery, spec.id, spec.metric, self.embedder.threshold)
+        return Matcher(gallery, spec.id, spec.metric, self.embedder.spec.threshold)
 
     def find(self, image: ImageInput, gallery) -> list[FoundFace]:
         bgr = load_image(image)

@@ -14,9 +14,11 @@ from streamer.infer.attributes import (
     EmotionPrediction,
     GenderHead,
     GenderPrediction,
+    attributes_from_arrays,
+    combine_attributes,
     create_attribute_head,
     prepare,
-    to_attributes,
+    prepare_function,
 )
 from streamer.models.runtime import OnnxModel, RuntimeOptions
 from streamer.types import Attributes, Emotion, Faces
@@ -149,7 +151,12 @@ def test_sanity_on_real_photos(photos, heads):
     for photo, *_ in SANITY:
         image, faces = photos(photo)
         batch = {name: heads[name].predict(heads[name].prepare(image, faces[:1])) for name in HEADS}
-        attributes += to_attributes(1, **batch)
+        attributes += combine_attributes(1, **batch)
+        # the same through the cross-process path: crops made by name, plain arrays back
+        arrays = {"embedding": np.zeros((1, 128), np.float32)}
+        for name in HEADS:
+            arrays.update(heads[name].predict_arrays(prepare_function(name)(image, faces[:1])))
+        assert attributes_from_arrays(1, arrays) == attributes[-1:]
     for (photo, gender, emotion, (low, high)), got in zip(SANITY, attributes):
         assert got.gender.label == gender, (photo, got.gender)
         assert got.gender.probability > 0.5
@@ -183,14 +190,14 @@ def test_decoding_and_attributes():
     assert gender.labels == ["woman", "man"]
     np.testing.assert_allclose(gender.probabilities, [0.8, 0.9])
     assert age.years.tolist() == [0.0, 100.0]
-    first, second = to_attributes(2, age=age, gender=gender, emotion=emotion)
+    first, second = combine_attributes(2, age=age, gender=gender, emotion=emotion)
     assert first.gender.label == "woman" and first.gender.probability == pytest.approx(0.8)
     assert first.emotion.label == "happy" and first.emotion.scores["happy"] == 1.0
     assert second.age == 100.0 and second.emotion.label == "neutral"
-    only_age = to_attributes(2, age=age)
+    only_age = combine_attributes(2, age=age)
     assert only_age[0].gender is None and only_age[0].emotion is None
     with pytest.raises(ValueError, match="expected 3"):
-        to_attributes(3, age=age)
+        combine_attributes(3, age=age)
     with pytest.raises(ValueError, match=r"\(N, 7\)"):
         EmotionPrediction(np.zeros((2, 2), np.float32))
 

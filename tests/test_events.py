@@ -318,10 +318,11 @@ def test_crops_and_embeddings_leave_only_when_enabled(enabled, media_dir):
     endpoint = inproc()
     with EventPublisher(endpoint, include_crops=enabled, include_embeddings=enabled) as publisher, \
             EventSubscriber(endpoint) as subscriber:
-        identity = Identity(**sample_events()[4].model_dump(exclude={"seq", "ts"}), embedding=embedding)
+        unstamped = {"seq", "ts", "crop", "embedding"}
+        identity = Identity(**sample_events()[4].model_dump(exclude=unstamped), embedding=embedding)
         publisher.publish(identity, crop=crop)
         # A caller that sets the flag itself cannot smuggle a crop out either.
-        publisher.publish(TrackStarted(**sample_events()[1].model_dump(exclude={"seq", "ts"}), crop=True))
+        publisher.publish(TrackStarted(**sample_events()[1].model_dump(exclude=unstamped), crop=True))
         publisher.publish(sample_events()[6], crop=cv2.imencode(".jpg", crop)[1].tobytes())
         messages = [subscriber.receive_message(1000) for _ in range(3)]
     payloads = [orjson.loads(m.payload) for m in messages]
@@ -405,3 +406,6 @@ def test_payload_shape_details():
         StreamStatus(stream="", status="lost")
     with pytest.raises(ValueError, match="status"):
         StreamStatus(stream="cam1", status="exploded")
+    with pytest.raises(ValueError, match="distance"):  # JSON has no NaN: refused when the event is built
+        Identity(stream="cam1", frame=0, pts=0.0, track=1, box=BOX, name=None, score=0.1,
+                 distance=float("nan"), votes={})

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from streamer.config import RecognitionSettings, TrackerSettings
-from streamer.track import ByteTracker, IdCounter, InferenceGate, face_quality
+from streamer.track import ByteTracker, IdCounter, InferenceGate, face_quality, kalman
 from streamer.track.gate import frontalness
 from streamer.types import Faces, LandmarkScheme
 
@@ -79,6 +79,32 @@ def test_tracker_from_settings_takes_every_field():
     tracker = ByteTracker.from_settings(settings)
     assert (tracker.high_threshold, tracker.low_threshold, tracker.match_iou) == (0.7, 0.2, 0.3)
     assert (tracker.min_hits, tracker.max_missed) == (2, 5)
+
+
+def test_batched_kalman_matches_the_textbook_equations():
+    rng = np.random.default_rng(7)
+    boxes = np.concatenate([rng.uniform(0, 500, (4, 2)), rng.uniform(0, 500, (4, 2)) + 600], axis=1)
+    mean, cov = kalman.initiate(kalman.xyxy_to_xyah(boxes))
+    np.testing.assert_allclose(kalman.xyah_to_xyxy(mean[:, :4]), boxes, rtol=1e-9)
+    mean[:, 4:] = rng.normal(0, 3, (4, 4))
+    pred_mean, pred_cov = kalman.predict(mean, cov)
+    measured = kalman.xyxy_to_xyah(boxes + rng.normal(0, 5, boxes.shape))
+    new_mean, new_cov = kalman.update(pred_mean, pred_cov, measured)
+    f = np.eye(8)
+    f[:4, 4:] = np.eye(4)
+    h = np.eye(4, 8)
+    for i in range(4):
+        height = mean[i, 3]
+        std = [height / 20, height / 20, 1e-2, height / 20, height / 160, height / 160, 1e-5, height / 160]
+        q = np.diag(np.square(std))
+        p = f @ cov[i] @ f.T + q
+        np.testing.assert_allclose(pred_mean[i], f @ mean[i])
+        np.testing.assert_allclose(pred_cov[i], p)
+        ph = pred_mean[i, 3]
+        r = np.diag(np.array([ph / 20, ph / 20, 1e-1, ph / 20]) ** 2)
+        gain = p @ h.T @ np.linalg.inv(h @ p @ h.T + r)
+        np.testing.assert_allclose(new_mean[i], pred_mean[i] + gain @ (measured[i] - h @ pred_mean[i]), rtol=1e-9)
+        np.testing.assert_allclose(new_cov[i], (np.eye(8) - gain @ h) @ p, rtol=1e-7, atol=1e-9)
 
 
 # ----------------------------------------------------------------------------- synthetic trajectories
@@ -213,10 +239,9 @@ def test_flush_reset_and_id_counter():
 def test_memory_is_bounded_and_ended_tracks_are_evicted():
     rng = np.random.default_rng(0)
     tracker = ByteTracker(min_hits=2, max_missed=5)
-    live_counts = []
     for t in range(300):
         xy = rng.uniform(0, 1800, (8, 2))  # fresh random faces every frame: worst case churn
-        live_counts.append(tracker.update(faces_of([box_at(x, y, 40) for x, y in xy]), t, t / 25).faces)
+        tracker.update(faces_of([box_at(x, y, 40) for x, y in xy]), t, t / 25)
         assert tracker.num_tracks <= 8 * 7
     for t in range(300, 307):
         tracker.update(Faces.empty(), t, t / 25)

@@ -259,7 +259,9 @@ def main(argv: list[str] | None = None) -> int:
         [_apply(estimate_transform(s.yunet, ARCFACE_112.points_for(LandmarkScheme.FIVE)), s.blaze) for s in both]
     )
     arc_template4, kept_arc = robust_mean(arc_four)
-    fitted = ChipTemplate("dlib_150_fitted", CHIP_SIZE, {LandmarkScheme.FIVE: template5, LandmarkScheme.FOUR: template4})
+    fitted = ChipTemplate(
+        "dlib_150_fitted", CHIP_SIZE, {LandmarkScheme.FIVE: template5, LandmarkScheme.FOUR: template4}
+    )
 
     print(f"photos: {len(files)} listed, {len(samples)} with a dlib face, "
           f"{len(five)} with YuNet, {len(four)} with BlazeFace on the same face")

@@ -4,7 +4,8 @@ Every head has two halves that live in different processes:
 - `prepare(image_bgr, faces)`: the crop and preprocessing, numpy + cv2 only, run where the frame is
   (the detect worker); it turns a `Faces` record into one (N, 64, 64, C) float32 batch.
 - `predict(crops)`: one `session.run` for the whole batch (the inference worker) decoded into a typed
-  prediction. `to_attributes` turns the predictions for N faces into N `streamer.types.Attributes`.
+  prediction. `combine_attributes` turns the predictions for N faces into N `streamer.types.Attributes`.
+  Across processes the predictions travel as plain arrays (`predict_arrays`, `attributes_from_arrays`).
 
 Each model has its own crop (docs/keras-attribute-models.md, sections 4-5): the emotion model sees a
 tight square on the face box, the gender model a square with 40 % margin (what its IMDB-WIKI training
@@ -15,7 +16,7 @@ follows the reference crops in models/testdata/keras_reference.npz exactly.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -112,9 +113,14 @@ PREPARE: dict[str, Callable[[np.ndarray, Faces], np.ndarray]] = {
 }
 
 
+def prepare_function(name: str) -> Callable[[np.ndarray, Faces], np.ndarray]:
+    """Head `name`'s crop function, without loading its model (for the detect worker)."""
+    return PREPARE[_check_name(name)]
+
+
 def prepare(name: str, image_bgr: np.ndarray, faces: Faces) -> np.ndarray:
-    """The crops head `name` expects, without loading its model (for the detect worker)."""
-    return PREPARE[_check_name(name)](image_bgr, faces)
+    """The crops head `name` expects, without loading its model."""
+    return prepare_function(name)(image_bgr, faces)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -136,11 +142,16 @@ class EmotionPrediction:
     probabilities: np.ndarray
 
     def __post_init__(self) -> None:
-        probabilities = _rows("EmotionPrediction.probabilities", self.probabilities, (None, len(Emotion.LABELS)))
+        shape = (None, len(Emotion.LABELS))
+        probabilities = _rows("EmotionPrediction.probabilities", self.probabilities, shape)
         object.__setattr__(self, "probabilities", probabilities)
 
     def __len__(self) -> int:
         return len(self.probabilities)
+
+    @property
+    def values(self) -> np.ndarray:
+        return self.probabilities
 
     @property
     def labels(self) -> list[str]:
@@ -165,6 +176,10 @@ class GenderPrediction:
 
     def __len__(self) -> int:
         return len(self.p_man)
+
+    @property
+    def values(self) -> np.ndarray:
+        return self.p_man
 
     @property
     def labels(self) -> list[str]:
@@ -193,11 +208,15 @@ class AgePrediction:
     def __len__(self) -> int:
         return len(self.years)
 
+    @property
+    def values(self) -> np.ndarray:
+        return self.years
+
 
 Prediction = AgePrediction | GenderPrediction | EmotionPrediction
 
 
-def to_attributes(
+def combine_attributes(
     count: int,
     *,
     age: AgePrediction | None = None,
@@ -207,7 +226,7 @@ def to_attributes(
     """One `Attributes` per face from the heads that ran (a head left out gives None fields)."""
     for name, prediction in (("age", age), ("gender", gender), ("emotion", emotion)):
         if prediction is not None and len(prediction) != count:
-            raise ValueError(f"to_attributes: {name} has {len(prediction)} rows, expected {count}")
+            raise ValueError(f"combine_attributes: {name} has {len(prediction)} rows, expected {count}")
     return [
         Attributes(
             age=float(age.years[i]) if age is not None else None,
@@ -216,6 +235,17 @@ def to_attributes(
         )
         for i in range(count)
     ]
+
+
+_PREDICTIONS: dict[str, type] = {"age": AgePrediction, "gender": GenderPrediction, "emotion": EmotionPrediction}
+
+
+def attributes_from_arrays(count: int, arrays: Mapping[str, np.ndarray]) -> list[Attributes]:
+    """`combine_attributes` for predictions that crossed a process boundary as `predict_arrays` output
+    (keys age, gender, emotion; other keys such as embeddings are ignored)."""
+    return combine_attributes(
+        count, **{name: _PREDICTIONS[name](arrays[name]) for name in HEADS if name in arrays}
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -252,6 +282,10 @@ class AttributeHead(ABC):
             )
         (output,) = self.model.run(crops)
         return self._decode(np.asarray(output).reshape(len(crops), self.outputs))
+
+    def predict_arrays(self, crops: np.ndarray) -> dict[str, np.ndarray]:
+        """{head name: the prediction's values} for sending to another process."""
+        return {self.name: self.predict(crops).values}
 
     @abstractmethod
     def _decode(self, output: np.ndarray) -> Prediction: ...

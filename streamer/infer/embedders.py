@@ -72,7 +72,9 @@ class EmbedderSpec:
         if self.dim is not None and self.dim < 1:
             raise ValueError(f"EmbedderSpec {self.id}: dim must be >= 1, got {self.dim}")
         if self.color not in ("rgb", "bgr") or self.layout not in ("nhwc", "nchw"):
-            raise ValueError(f"EmbedderSpec {self.id}: color rgb|bgr and layout nhwc|nchw, got {self.color}/{self.layout}")
+            raise ValueError(
+                f"EmbedderSpec {self.id}: color rgb|bgr and layout nhwc|nchw, got {self.color}/{self.layout}"
+            )
         if not self.std > 0:
             raise ValueError(f"EmbedderSpec {self.id}: std must be > 0, got {self.std}")
 
@@ -299,7 +301,9 @@ class ArcFaceEmbedder(Embedder):
 
 def _model_path(name: str, registry: ModelRegistry) -> Path:
     if name not in EMBEDDER_NAMES:
-        raise ConfigError(f"setting embedder.name: unknown embedder {name!r}; choose one of {', '.join(EMBEDDER_NAMES)}")
+        raise ConfigError(
+            f"setting embedder.name: unknown embedder {name!r}; choose one of {', '.join(EMBEDDER_NAMES)}"
+        )
     if name == "arcface":
         path = registry.paths.get("arcface")
         if path is None:

@@ -140,6 +140,9 @@ class AttributeSmoother:
 
     def add(self, track_id: int, attributes: Attributes) -> Attributes:
         """Fold one observation into the track; return the smoothed attributes (None where never seen)."""
+        gender = attributes.gender
+        if gender is not None and gender.label not in _GENDER_LABELS:
+            raise ValueError(f"AttributeSmoother: gender label must be one of {_GENDER_LABELS}, got {gender.label!r}")
         track_id = int(track_id)
         sums = self._sums.get(track_id)
         if sums is None:
@@ -152,10 +155,7 @@ class AttributeSmoother:
         if attributes.age is not None:
             sums.age_sum += float(attributes.age)
             sums.age_n += 1
-        if attributes.gender is not None:
-            gender = attributes.gender
-            if gender.label not in _GENDER_LABELS:
-                raise ValueError(f"AttributeSmoother: gender label must be one of {_GENDER_LABELS}, got {gender.label!r}")
+        if gender is not None:
             p = float(gender.probability)
             sums.man_sum += p if gender.label == "man" else 1.0 - p
             sums.gender_n += 1

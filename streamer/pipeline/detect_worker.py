@@ -23,7 +23,8 @@ import zmq
 from streamer.config import Settings
 from streamer.errors import StreamerError
 from streamer.pipeline.transport import SocketDefaults, decode, encode, make_socket
-from streamer.types import Attributes, Emotion, Faces, Frame, Gender
+from streamer.infer.attributes import HEADS, attributes_from_arrays
+from streamer.types import Attributes, Faces, Frame
 
 log = logging.getLogger(__name__)
 
@@ -310,7 +311,9 @@ class DetectWorker:
         matches = None
         if "embedding" in arrays and self.matcher is not None:
             matches = self.matcher.match(arrays["embedding"])
-        attributes = _attributes_from_arrays(len(tracks), arrays)
+        attributes = (
+            attributes_from_arrays(len(tracks), arrays) if any(h in arrays for h in HEADS) else None
+        )
         for row, track in enumerate(tracks):
             label = stream.labels.setdefault(track, TrackLabel())
             fields = {
@@ -467,24 +470,6 @@ def _box(row: np.ndarray) -> list[float]:
 
 def _finite(value: float) -> float | None:
     return round(float(value), 6) if np.isfinite(value) else None
-
-
-def _attributes_from_arrays(n: int, arrays: dict[str, np.ndarray]) -> list[Attributes] | None:
-    if not any(k in arrays for k in ("age", "gender", "emotion")):
-        return None
-    out = []
-    for i in range(n):
-        age = float(arrays["age"][i]) if "age" in arrays else None
-        gender = None
-        if "gender" in arrays:
-            p_man = float(arrays["gender"][i])
-            gender = Gender("man", p_man) if p_man >= 0.5 else Gender("woman", 1.0 - p_man)
-        emotion = None
-        if "emotion" in arrays:
-            scores = {label: float(p) for label, p in zip(Emotion.LABELS, arrays["emotion"][i])}
-            emotion = Emotion(label=max(scores, key=scores.__getitem__), scores=scores)
-        out.append(Attributes(age=age, gender=gender, emotion=emotion))
-    return out
 
 
 def _attributes_fields(attributes: Attributes) -> dict[str, Any]:

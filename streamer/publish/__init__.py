@@ -1,5 +1,6 @@
 """Publish stage: events on a ZeroMQ PUB socket, a small subscriber, and the annotated video output."""
 
+from streamer.publish.annotate import FaceLabel, blur_faces, draw_faces
 from streamer.publish.events import (
     KINDS,
     SCHEMA,
@@ -19,6 +20,7 @@ from streamer.publish.events import (
 )
 from streamer.publish.publisher import EventPublisher, ZmqDefaults
 from streamer.publish.subscriber import EventSubscriber, Received, print_events
+from streamer.publish.video import VideoWriter
 
 __all__ = [
     "KINDS",
@@ -28,6 +30,7 @@ __all__ = [
     "Event",
     "EventPublisher",
     "EventSubscriber",
+    "FaceLabel",
     "GenderInfo",
     "Heartbeat",
     "Identity",
@@ -37,7 +40,10 @@ __all__ = [
     "TrackEnded",
     "TrackStarted",
     "TrackUpdated",
+    "VideoWriter",
     "ZmqDefaults",
+    "blur_faces",
+    "draw_faces",
     "events_json_schema",
     "parse_event",
     "print_events",

@@ -140,7 +140,7 @@ def draw_faces(
         if x2 <= x1 or y2 <= y1:
             continue
         colour = KNOWN_COLOUR if label.known else UNKNOWN_COLOUR
-        cv2.rectangle(out, (x1, y1), (x2 - 1, y2 - 1), colour, thickness, cv2.LINE_AA)
+        cv2.rectangle(out, (x1, y1), (x2 - 1, y2 - 1), colour, thickness)
         _draw_label(out, label.lines(), x1, y1, y2, colour, font_scale, thickness)
     return out
 

@@ -54,10 +54,6 @@ Int = Annotated[int, BeforeValidator(_plain)]
 StreamId = Annotated[str, Field(min_length=1, pattern=r"^[^\s.]+$", description="stream id (no dots or spaces)")]
 
 
-def _optional_on_wire(value: Any) -> bool:
-    return value is None
-
-
 def _seq_on_wire(schema: dict[str, Any]) -> None:
     # seq 0 only exists before publishing; on the wire it starts at 1 and is always present.
     schema["minimum"] = 1
@@ -72,9 +68,8 @@ class EventBase(BaseModel):
         extra="forbid",
         # The exported schema describes what is on the wire, where defaulted fields are always present.
         json_schema_serialization_defaults_required=True,
-        serialize_by_alias=True,
-        validate_by_name=True,
-        validate_by_alias=True,
+        populate_by_name=True,
+        allow_inf_nan=False,  # JSON has no NaN: it would go out as null and fail validation at the subscriber
     )
 
     # Fields that are left out of the payload when unset; not "required" in the exported schema.
@@ -96,7 +91,9 @@ class EventBase(BaseModel):
         return f"{self.kind}.{self.stream}".encode()
 
     def payload(self) -> bytes:
-        return self.model_dump_json().encode()
+        """The JSON payload: fields that may be absent on the wire (crop, embedding) are left out when None."""
+        absent = {name for name in self.OPTIONAL_ON_WIRE if getattr(self, name) is None}
+        return self.__pydantic_serializer__.to_json(self, by_alias=True, exclude=absent or None)
 
     @classmethod
     def __get_pydantic_json_schema__(cls, core_schema: Any, handler: Any) -> dict[str, Any]:
@@ -121,7 +118,6 @@ class FaceEvent(FrameEvent):
     box: Box
     crop: bool | None = Field(
         None,
-        exclude_if=_optional_on_wire,
         description="present (true) only when crops are enabled: the message has a 3rd frame with a JPEG crop",
     )
 
@@ -158,20 +154,19 @@ class Identity(FaceEvent):
     votes: dict[str, int] = Field(description='recognitions of this track per name ("unknown" for no match)')
     embedding: list[float] | None = Field(
         None,
-        exclude_if=_optional_on_wire,
         description="L2-normalised face embedding, present only when embeddings are enabled",
     )
 
 
 class GenderInfo(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
     label: Literal["man", "woman"]
     probability: Float = Field(ge=0, le=1)
 
 
 class EmotionInfo(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
     label: str
     scores: dict[str, float]
@@ -201,7 +196,7 @@ class AttributesEvent(FaceEvent):
 
 
 class StreamHealth(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
     fps: Float = Field(ge=0)
     frames: int = Field(ge=0)

@@ -52,12 +52,18 @@ class VideoWriter:
             self._file = open(self.path, "wb")  # noqa: SIM115 - closed in close()
         except OSError as exc:
             raise ConfigError(f"{setting}: cannot write video {str(self.path)!r}: {exc.strerror or exc}") from None
-        self._container = av.open(self._file, mode="w", format="mp4")
-        self._stream = self._container.add_stream("libx264", rate=rate, options=dict(options or DEFAULT_OPTIONS))
-        self._stream.width = self.encoded_width
-        self._stream.height = self.encoded_height
-        self._stream.pix_fmt = "yuv420p"
-        self._stream.codec_context.time_base = 1 / rate
+        try:
+            self._container = av.open(self._file, mode="w", format="mp4")
+            self._stream = self._container.add_stream(
+                "libx264", rate=rate, options=dict(options or DEFAULT_OPTIONS)
+            )
+            self._stream.width = self.encoded_width
+            self._stream.height = self.encoded_height
+            self._stream.pix_fmt = "yuv420p"
+            self._stream.codec_context.time_base = 1 / rate
+        except BaseException:
+            self._file.close()
+            raise
         log.info("writing %dx%d @ %s fps H.264 to %s", self.encoded_width, self.encoded_height, rate, self.path)
 
     @property

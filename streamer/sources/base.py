@@ -201,7 +201,7 @@ class ThreadedSource(Source, Generic[H]):
         self.reconnect = reconnect or ReconnectSettings()
         self._buffer = _FrameBuffer(1 if live else self.queue_size, overwrite=live)
         self._stop = threading.Event()
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()  # reentrant: status changes are emitted while holding it
         self._events: list[StatusChange] = []
         self._state = "idle"
         self._ever_connected = False
@@ -231,9 +231,16 @@ class ThreadedSource(Source, Generic[H]):
     def _describe_error(self, exc: BaseException) -> str:
         return f"{type(exc).__name__}: {exc}"
 
+    def _abandoned(self) -> bool:
+        """For backends, between reads: True when the reader should drop the current connection now."""
+        if self._stop.is_set():
+            return True
+        with self._lock:
+            return self._dead_generation == self._generation
+
     def _join_timeout(self) -> float:
         """How long a blocked open/read can take to notice stop() (the backend's own timeouts)."""
-        return self.reconnect.open_timeout_s + self.reconnect.frame_timeout_s + 1.0
+        return self.reconnect.open_timeout_s + self.reconnect.frame_timeout_s + 2.0
 
     # ------------------------------------------------------------------ public API
 
@@ -352,7 +359,7 @@ class ThreadedSource(Source, Generic[H]):
                 self._pump(handle, generation)
                 detail = "end of stream"
             except _Lost:
-                detail = "watchdog"
+                detail = "watchdog gave up on the connection"
             except Exception as exc:  # live streams fail in many ways; each one means reconnect
                 detail = self._describe_error(exc)
             finally:
@@ -388,10 +395,9 @@ class ThreadedSource(Source, Generic[H]):
             self._ever_connected = True
             if again:
                 self._reconnects += 1
-            generation = self._generation
-        self._emit("reconnected" if again else "connected", self.url)
-        self._set_state("connected")
-        return generation
+            self._state = "connected"
+            self._emit("reconnected" if again else "connected", self.url)
+            return self._generation
 
     def _lost(self, detail: str) -> None:
         """Report a loss once per outage (the watchdog may have reported it already)."""
@@ -400,8 +406,8 @@ class ThreadedSource(Source, Generic[H]):
                 log.debug("source %s: still lost (%s)", self.id, detail)
                 return
             self._lost_reported = True
-        self._emit("lost", detail)
-        self._set_state("lost")
+            self._state = "lost"
+            self._emit("lost", detail)
 
     # ------------------------------------------------------------------ watchdog thread
 
@@ -411,13 +417,12 @@ class ThreadedSource(Source, Generic[H]):
         limit = self.reconnect.frame_timeout_s
         period = min(0.25, limit / 4)
         while not self._stop.wait(period):
-            with self._lock:
+            with self._lock:  # one critical section, so a reconnect cannot slip in between
                 connected = self._state == "connected" and self._dead_generation != self._generation
                 age = time.monotonic() - self._last_frame_at
-                if not connected or age <= limit:
-                    continue
-                self._dead_generation = self._generation
-            self._lost(f"no frame for {age:.1f} s")
+                if connected and age > limit:
+                    self._dead_generation = self._generation
+                    self._lost(f"no frame for {age:.1f} s")
 
     # ------------------------------------------------------------------ helpers
 

@@ -9,7 +9,8 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from itertools import chain
 from pathlib import Path
 from typing import Literal
 
@@ -33,6 +34,10 @@ class _Handle:
     container: av.container.InputContainer
     stream: av.video.stream.VideoStream
     rate: float | None  # frames per second from the container, for pts fallback and loop offsets
+    pending: list[av.VideoFrame] = field(default_factory=list)  # decoded while probing, not yet delivered
+
+
+_READ_GRACE_S = 1.0
 
 
 def _micros(seconds: float) -> str:
@@ -80,11 +85,13 @@ class PyAVSource(ThreadedSource[_Handle]):
 
     def _options(self) -> tuple[str | None, dict[str, str]]:
         r = self.reconnect
+        # `timeout` is the socket I/O timeout in microseconds, only a backstop behind PyAV's interrupt
+        # callback (see _open), so it is the longest of the bounds.
+        socket_timeout = _micros(r.open_timeout_s + r.frame_timeout_s + _READ_GRACE_S)
         if self.kind == "rtsp":
-            # `timeout` is the socket I/O timeout in microseconds (FFmpeg >= 5).
-            return None, {"rtsp_transport": "tcp", "timeout": _micros(r.frame_timeout_s), **_LOW_LATENCY}
+            return None, {"rtsp_transport": "tcp", "timeout": socket_timeout, **_LOW_LATENCY}
         if self.kind == "http":
-            options = {"timeout": _micros(r.frame_timeout_s)}
+            options = {"timeout": socket_timeout}
             return None, options | _LOW_LATENCY if self.live else options
         if self.kind == "lavfi":
             return "lavfi", {}
@@ -95,12 +102,14 @@ class PyAVSource(ThreadedSource[_Handle]):
             raise SourceError(f"source {self.id}: video file {self.target} does not exist")
         fmt, options = self._options()
         # timeout=(open, read) arms FFmpeg's interrupt callback: a dead peer cannot block us forever and
-        # stop() is noticed within these bounds.
+        # stop() is noticed within these bounds. The read bound is a little longer than the watchdog's: an
+        # interrupted RTSP read first hands out the packet its parser held back (a stale frame that would
+        # reset the frame age), so the watchdog must have declared the connection dead before that.
         container = av.open(
             self.target,
             format=fmt,
             options=options,
-            timeout=(self.reconnect.open_timeout_s, self.reconnect.frame_timeout_s),
+            timeout=(self.reconnect.open_timeout_s, self.reconnect.frame_timeout_s + _READ_GRACE_S),
         )
         try:
             if not container.streams.video:
@@ -112,12 +121,30 @@ class PyAVSource(ThreadedSource[_Handle]):
             container.close()
             raise
         handle = _Handle(container, stream, float(rate) if rate else None)
+        if self.kind == "file":
+            self._probe(handle)
         log.info(
             "source %s: opened %s (%s, %dx%d, %s fps)",
             self.id, self.url, stream.codec_context.name, stream.codec_context.width,
             stream.codec_context.height, f"{handle.rate:.2f}" if handle.rate else "?",
         )  # fmt: skip
         return handle
+
+    def _probe(self, handle: _Handle) -> None:
+        """Decode the first frame now, so a file whose header parses but whose video does not fails at
+        start() rather than ending silently with zero frames."""
+        frames = self._decode(handle)
+        try:
+            first = next(frames, None)
+        except BaseException:
+            handle.container.close()
+            raise
+        finally:
+            frames.close()  # the decoder keeps its state; the next demux() continues where this one stopped
+        if first is None:
+            handle.container.close()
+            raise SourceError(f"source {self.id}: {self.url} holds no decodable video frame")
+        handle.pending.append(first)
 
     def _close(self, handle: _Handle) -> None:
         handle.container.close()
@@ -134,7 +161,8 @@ class PyAVSource(ThreadedSource[_Handle]):
         count = 0
         while True:
             first_pts = last_pts = None
-            for frame in self._decode(handle):
+            pending, handle.pending = handle.pending, []
+            for frame in chain(pending, self._decode(handle)):
                 count += 1
                 if frame.time is not None:
                     pts = float(frame.time)
@@ -168,6 +196,8 @@ class PyAVSource(ThreadedSource[_Handle]):
 
     def _decode(self, handle: _Handle) -> Iterator[av.VideoFrame]:
         for packet in handle.container.demux(handle.stream):
+            if self._abandoned():  # stop(), or the watchdog gave up on this connection
+                return
             try:
                 yield from packet.decode()
             except av.error.InvalidDataError as exc:  # one bad packet; the next key frame recovers

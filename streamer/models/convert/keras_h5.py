@@ -60,7 +60,9 @@ class _Graph:
         self.initializers.append(numpy_helper.from_array(np.ascontiguousarray(array, dtype=dtype), name))
         return name
 
-    def op(self, op_type: str, inputs: Sequence[str], hint: str | None = None, output: str | None = None, **attrs) -> str:
+    def op(
+        self, op_type: str, inputs: Sequence[str], hint: str | None = None, output: str | None = None, **attrs
+    ) -> str:
         out = output or self._fresh(hint or op_type.lower())
         self.nodes.append(helper.make_node(op_type, list(inputs), [out], name=out, **attrs))
         return out
@@ -72,7 +74,8 @@ class _Graph:
         return self.op("Conv", inputs, hint, **attrs)
 
     def batchnorm(self, x: str, gamma, beta, mean, var, epsilon: float, hint: str) -> str:
-        params = [self.const(f"{hint}_{p}", v) for p, v in zip(("scale", "B", "mean", "var"), (gamma, beta, mean, var))]
+        values = (gamma, beta, mean, var)
+        params = [self.const(f"{hint}_{p}", v) for p, v in zip(("scale", "B", "mean", "var"), values)]
         return self.op("BatchNormalization", [x, *params], hint, epsilon=float(epsilon))
 
     def dense(self, x: str, kernel: np.ndarray, bias: np.ndarray, hint: str) -> str:
@@ -211,7 +214,7 @@ def convert_mini_xception(
 
 def _build_mini_xception(config: dict, weights, where: str) -> tuple[onnx.ModelProto, int]:
     if config.get("class_name") != "Model":
-        raise ModelError(f"{where}: model_config is a {config.get('class_name')!r}, expected a functional 'Model'")
+        raise ModelError(f"{where}: model_config is a {config.get('class_name')!r}, expected 'Model'")
     body = config["config"]
     layers = body["layers"]
     if len(body["input_layers"]) != 1 or len(body["output_layers"]) != 1:
@@ -335,7 +338,10 @@ _SSR_LAMBDA_D = 1.0
 _SSR_V = 101.0
 
 # Verified role table (keras-attribute-models.md 5.2): layers with equal shapes (dense_1/dense_2,
-# conv2d_9/11/13, ...) could be swapped without any error, so the names are pinned here.
+# conv2d_9/11/13, ...) could be swapped without any error, so the names are pinned here. Note that
+# in this trained file the mix branch (s-mix * x-mix) is 0 after its ReLUs on every reference face,
+# so p_k and eta_k are constants and the age comes from the delta layers; a swap of dense_1/dense_2
+# (4/5, 7/8) would not show in the parity test, the other swaps do.
 _SSR_X_STREAM = ("conv2d_1", "conv2d_2", "conv2d_3", "conv2d_4")  # 32 filters, ReLU, average pool
 _SSR_S_STREAM = ("conv2d_5", "conv2d_6", "conv2d_7", "conv2d_8")  # 16 filters, tanh, max pool
 _SSR_X_BN = ("batch_normalization_1", "batch_normalization_2", "batch_normalization_3", "batch_normalization_4")
@@ -409,7 +415,8 @@ def _build_ssrnet_age(h5, where: str) -> onnx.ModelProto:
     sizes = (31, 14, 6, 4)  # block outputs: 64 -conv-> 62 -pool-> 31 -> 29 -> 14 -> 12 -> 6 -> 4
 
     preds, deltas, locals_ = [], [], []
-    for block, pool, s_conv, x_conv, s_mix, x_mix, feat_name, pred_name, local_name, delta_name in _SSR_STAGE_ROLES:
+    for roles in _SSR_STAGE_ROLES:
+        block, pool, s_conv, x_conv, s_mix, x_mix, feat_name, pred_name, local_name, delta_name = roles
         side = sizes[block] if pool is None else sizes[block] // pool
         flat = side * side * 10
         sides = []
@@ -418,13 +425,15 @@ def _build_ssrnet_age(h5, where: str) -> onnx.ModelProto:
             ("x", x_conv, "AveragePool", xs[block], 32),
         ):
             kernel, bias = _weights(h5, conv, [(1, 1, cin, 10), (10,)], where)
-            y = g.op("Relu", [g.conv(src, _hwio_to_oihw(kernel), bias, conv, kernel_shape=[1, 1])], f"{conv}_relu")
+            y = g.conv(src, _hwio_to_oihw(kernel), bias, conv, kernel_shape=[1, 1])
+            y = g.op("Relu", [y], f"{conv}_relu")
             if pool is not None:
                 y = g.op(pool_op, [y], f"{conv}_pool", kernel_shape=[pool, pool], strides=[pool, pool])
             sides.append(g.flatten_hwc(y, f"{conv}_flat"))
         a, b = sides
         kernel, bias = _weights(h5, delta_name, [(flat, 1), (1,)], where)
-        deltas.append(g.op("Tanh", [g.dense(g.op("Mul", [a, b]), kernel, bias, delta_name)], f"{delta_name}_tanh"))
+        delta = g.dense(g.op("Mul", [a, b]), kernel, bias, delta_name)
+        deltas.append(g.op("Tanh", [delta], f"{delta_name}_tanh"))
         mixed = []
         for mix, src in ((s_mix, a), (x_mix, b)):  # Dropout before the mix Dense is the identity here
             kernel, bias = _weights(h5, mix, [(flat, _SSR_BINS), (_SSR_BINS,)], where)
@@ -432,7 +441,8 @@ def _build_ssrnet_age(h5, where: str) -> onnx.ModelProto:
         kernel, bias = _weights(h5, feat_name, [(_SSR_BINS, 2 * _SSR_BINS), (2 * _SSR_BINS,)], where)
         feat = g.op("Relu", [g.dense(g.op("Mul", mixed), kernel, bias, feat_name)], f"{feat_name}_relu")
         kernel, bias = _weights(h5, pred_name, [(2 * _SSR_BINS, _SSR_BINS), (_SSR_BINS,)], where)
-        preds.append(g.op("Relu", [g.dense(feat, kernel, bias, pred_name)], f"{pred_name}_relu"))  # ReLU, not softmax
+        # stage probabilities are ReLU outputs, not a softmax
+        preds.append(g.op("Relu", [g.dense(feat, kernel, bias, pred_name)], f"{pred_name}_relu"))
         kernel, bias = _weights(h5, local_name, [(2 * _SSR_BINS, _SSR_BINS), (_SSR_BINS,)], where)
         locals_.append(g.op("Tanh", [g.dense(feat, kernel, bias, local_name)], f"{local_name}_tanh"))
 
