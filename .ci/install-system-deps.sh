@@ -10,7 +10,7 @@ packages=(
   gir1.2-gst-rtsp-server-1.0
   gstreamer1.0-rtsp
   gstreamer1.0-plugins-base
-  gstreamer1.0-plugins-good
+  gstreamer1.0-plugins-good  # rtph264pay, qtdemux
   gstreamer1.0-plugins-bad  # openh264enc, h264parse
   gstreamer1.0-tools
 )

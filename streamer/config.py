@@ -82,6 +82,9 @@ class TrackerSettings(_Section):
     match_iou: float = Field(0.2, gt=0, lt=1, description="minimum IoU to continue a track")
     min_hits: int = Field(3, ge=1, description="detections before a track is born")
     max_missed: int = Field(30, ge=1, description="missed frames before a track ends")
+    scene_cut_threshold: float = Field(
+        0.25, ge=0, le=1, description="end every track at a shot cut (edited video); 0 turns it off"
+    )
 
     @model_validator(mode="after")
     def _thresholds_ordered(self) -> TrackerSettings:
@@ -92,6 +95,9 @@ class TrackerSettings(_Section):
 
 class RecognitionSettings(_Section):
     refresh_s: float = Field(2.0, gt=0, description="re-embed a live track this often")
+    warmup_refresh_s: float = Field(
+        0.3, gt=0, description="faster refresh until a track has min_votes recognitions, so names come early"
+    )
     max_per_track: int = Field(10, ge=1, description="cap on embeddings per track")
     better_quality_ratio: float = Field(1.3, ge=1, description="re-embed when face quality beats the best by this")
     min_votes: int = Field(2, ge=1, description="recognitions before a name is announced")

@@ -313,6 +313,27 @@ def test_gate_reinfers_when_a_clearly_better_face_appears(textured_image):
     assert gate.select(textured_image, profile, 0.4).tolist() == []
 
 
+def test_gate_warms_up_fast_then_refreshes_slowly(textured_image):
+    gate = InferenceGate(refresh_s=2.0, warmup_count=2, warmup_refresh_s=0.25)
+    ids = np.array([7])
+    face = faces_of([box_at(100, 100, 40)], track_ids=ids)
+    times = [i * 0.125 for i in range(40)]  # binary fractions: no rounding at the interval edges
+    picked = [t for t in times if gate.select(textured_image, face, t).size]
+    # Birth, one fast warm-up recognition (the second vote), then the normal interval.
+    assert picked == [0.0, 0.25, 2.25, 4.25]
+
+
+def test_gate_keeps_a_minimum_gap_between_better_faces(textured_image):
+    gate = InferenceGate(refresh_s=60.0, better_quality_ratio=1.3, warmup_refresh_s=0.3)
+    ids = np.array([5])
+    gate.select(textured_image, faces_of([box_at(100, 100, 40)], track_ids=ids), 0.0)
+    # A face growing fast would qualify on every frame; nothing is taken within 0.3 s of the last one.
+    much_better = faces_of([box_at(100, 100, 100)], track_ids=ids)
+    assert gate.select(textured_image, much_better, 0.1).tolist() == []
+    assert gate.select(textured_image, much_better, 0.2).tolist() == []
+    assert gate.select(textured_image, much_better, 0.3).tolist() == [0]
+
+
 def test_gate_memory_is_capped_even_without_forget(textured_image):
     gate = InferenceGate(max_tracks=5)
     for tid in range(20):

@@ -56,6 +56,7 @@ class StreamState:
     fps: float = 0.0
     fps_window_start: float = field(default_factory=time.monotonic)
     fps_window_frames: int = 0
+    scene_cuts: Any = None
     ended: bool = False
     last_frame: Frame | None = None
 
@@ -102,6 +103,7 @@ class DetectWorker:
         )
         self.events = make_socket(self.context, zmq.PUSH, hwm=SocketDefaults.EVENT_HWM, connect=events_endpoint)
         self.pending: dict[int, float] = {}  # request id -> sent at
+        self.pending_crops: dict[int, list[bytes]] = {}  # request id -> JPEG per face (crops enabled only)
         self.next_request = 1
         self.requests_dropped = 0
         self.faces_sent = 0
@@ -117,6 +119,7 @@ class DetectWorker:
         from streamer.sources import open_source
         from streamer.track.bytetrack import ByteTracker
         from streamer.track.gate import InferenceGate
+        from streamer.track.scenecut import SceneCutDetector
 
         for index, source_settings in enumerate(self.settings.sources):
             stream_id = source_settings.id or f"cam{index}"
@@ -129,6 +132,9 @@ class DetectWorker:
                     gate=InferenceGate.from_settings(self.settings.recognition),
                     voter=IdentityVoter.from_settings(self.settings.recognition),
                     smoother=AttributeSmoother(),
+                    scene_cuts=SceneCutDetector(self.settings.tracker.scene_cut_threshold)
+                    if self.settings.tracker.scene_cut_threshold > 0
+                    else None,
                 )
             )
         for stream in self.streams:
@@ -188,11 +194,15 @@ class DetectWorker:
 
     # -- per frame ----------------------------------------------------------------------------------------
     def process(self, stream: StreamState, frame: Frame) -> None:
-        stream.last_frame = frame
+        previous, stream.last_frame = stream.last_frame, frame
+        if stream.scene_cuts is not None and stream.scene_cuts.is_cut(frame.image):
+            # New shot: the faces before the cut are gone, whatever the motion model predicts.
+            for info in stream.tracker.flush():
+                self._end_track(stream, info, previous)
         detections = self.detector.detect(frame.image)
         update = stream.tracker.update(detections, frame.index, frame.pts)
         for info in update.started:
-            self._emit("track.started", stream, frame, track=info.track_id, box=list(info.box))
+            self._emit("track.started", stream, frame, track=info.track_id, box=_box(info.box))
         for info in update.ended:
             self._end_track(stream, info, frame)
         faces = update.faces
@@ -223,7 +233,7 @@ class DetectWorker:
             stream,
             frame,
             track=info.track_id,
-            box=list(info.box),
+            box=_box(info.box),
             duration=max(0.0, float(info.duration_s)),
             frames=int(info.frames_seen),
             at_frame=info.last_frame,
@@ -282,6 +292,8 @@ class DetectWorker:
             return
         self.pending[request_id] = time.monotonic()
         self.faces_sent += len(faces)
+        if self.settings.publish.include_crops:
+            self.pending_crops[request_id] = [_jpeg_crop(frame.image, box) for box in faces.boxes]
 
     def _receive_results(self, timeout_ms: int) -> None:
         if not self.requests.poll(timeout_ms, zmq.POLLIN):
@@ -292,18 +304,22 @@ class DetectWorker:
             except zmq.Again:
                 return
             message = decode(frames)
+            crops = self.pending_crops.pop(message.header["id"], None)
             if self.pending.pop(message.header["id"], None) is None:
                 continue  # given up on already
-            self._handle_result(message.header, message.arrays)
+            self._handle_result(message.header, message.arrays, crops)
 
     def _expire_requests(self) -> None:
         now = time.monotonic()
         for request_id, sent in list(self.pending.items()):
             if now - sent > REQUEST_TIMEOUT_S:
                 del self.pending[request_id]
+                self.pending_crops.pop(request_id, None)
                 log.warning("inference request %d timed out (is the inference worker running?)", request_id)
 
-    def _handle_result(self, header: dict[str, Any], arrays: dict[str, np.ndarray]) -> None:
+    def _handle_result(
+        self, header: dict[str, Any], arrays: dict[str, np.ndarray], crops: list[bytes] | None = None
+    ) -> None:
         stream = next((s for s in self.streams if s.id == header["stream"]), None)
         if stream is None:
             return
@@ -328,6 +344,7 @@ class DetectWorker:
                     name, distance, score = match.name, match.distance, match.score
                 else:  # no gallery: every face is unknown, by definition
                     name, distance, score = None, float("inf"), 0.0
+                log.debug("%s track %d frame %d: %s at distance %.3f", stream.id, track, header["frame"], name, distance)
                 announcement = stream.voter.add(track, name, score)
                 if announcement is not None:
                     label.name = announcement.name
@@ -350,6 +367,7 @@ class DetectWorker:
                             **extra,
                         },
                         decoded_at=header["decoded_at"],
+                        crop=crops[row] if crops else None,
                     )
             if attributes is not None:
                 smoothed = stream.smoother.add(track, attributes[row])
@@ -408,13 +426,14 @@ class DetectWorker:
         }
         self._emit_raw(payload, decoded_at=frame.decoded_at if frame is not None else None)
 
-    def _emit_raw(self, payload: dict[str, Any], decoded_at: float | None = None) -> None:
+    def _emit_raw(self, payload: dict[str, Any], decoded_at: float | None = None, crop: bytes | None = None) -> None:
         import orjson
 
         if decoded_at is not None:
             payload["_decoded_at"] = decoded_at
+        frames = [orjson.dumps(payload)] if crop is None else [orjson.dumps(payload), crop]
         try:
-            self.events.send(orjson.dumps(payload), zmq.NOBLOCK)
+            self.events.send_multipart(frames, zmq.NOBLOCK)
         except zmq.Again:
             log.warning("event dropped: supervisor not reading")
 
@@ -464,7 +483,19 @@ def _head_spec(name: str):
     return prepare_function(name)
 
 
-def _box(row: np.ndarray) -> list[float]:
+def _jpeg_crop(image: np.ndarray, box: np.ndarray, margin: float = 0.2) -> bytes:
+    import cv2
+
+    x1, y1, x2, y2 = box
+    mx, my = (x2 - x1) * margin, (y2 - y1) * margin
+    h, w = image.shape[:2]
+    left, top = int(max(0, x1 - mx)), int(max(0, y1 - my))
+    right, bottom = int(min(w, x2 + mx)), int(min(h, y2 + my))
+    crop = image[top:max(bottom, top + 1), left:max(right, left + 1)]
+    return cv2.imencode(".jpg", crop, [cv2.IMWRITE_JPEG_QUALITY, 85])[1].tobytes()
+
+
+def _box(row) -> list[float]:
     return [round(float(v), 1) for v in row]
 
 

@@ -69,6 +69,7 @@ class _Worker:
         context = multiprocessing.get_context("spawn")  # no fork: onnxruntime/MediaPipe threads don't survive it
         self.process = context.Process(target=self.target, args=self.args, name=f"streamer-{self.name}", daemon=True)
         self.process.start()
+        log.info("started %s worker (pid %d)", self.name, self.process.pid)
 
     @property
     def alive(self) -> bool:
@@ -206,14 +207,14 @@ class Supervisor:
         while self.events.poll(timeout_ms, zmq.POLLIN):
             while True:
                 try:
-                    data = self.events.recv(zmq.NOBLOCK)
+                    frames = self.events.recv_multipart(zmq.NOBLOCK)
                 except zmq.Again:
                     break
-                self._handle(orjson.loads(data))
+                self._handle(orjson.loads(frames[0]), frames[1] if len(frames) > 1 else None)
             if not until_idle:
                 return
 
-    def _handle(self, payload: dict[str, Any]) -> None:
+    def _handle(self, payload: dict[str, Any], crop: bytes | None = None) -> None:
         kind = payload.get("kind")
         if kind == "_stats":
             self.summary.last_stats = payload
@@ -224,16 +225,16 @@ class Supervisor:
         if kind == "_fatal":
             self.fatal = payload["message"]
             return
-        self._publish(payload)
+        self._publish(payload, crop)
 
-    def _publish(self, payload: dict[str, Any]) -> None:
+    def _publish(self, payload: dict[str, Any], crop: bytes | None = None) -> None:
         decoded_at = payload.pop("_decoded_at", None)
         try:
             event = self._event_adapter.validate_python(payload)
         except ValidationError as exc:  # a bug, not a user error: say which event was malformed
             log.error("dropping malformed %s event: %s", payload.get("kind"), exc)
             return
-        sent = self.publisher.publish(event)
+        sent = self.publisher.publish(event, crop=crop)
         self.summary.published += 1
         if self.print_events:
             sys.stdout.write(f"{sent.topic.decode()} {sent.payload().decode()}\n")

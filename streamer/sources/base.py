@@ -264,6 +264,8 @@ class ThreadedSource(Source, Generic[H]):
             self._watchdog.start()
 
     def read(self, timeout: float | None = None) -> Frame | None:
+        if self._thread is None:  # never started: nothing will ever arrive, do not wait for it
+            return None
         return self._buffer.get(timeout)
 
     def poll_status(self) -> list[StatusChange]:

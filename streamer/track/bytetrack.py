@@ -206,7 +206,8 @@ class ByteTracker:
 
     @classmethod
     def from_settings(cls, settings: TrackerSettings, id_counter: IdCounter | None = None) -> ByteTracker:
-        return cls(**settings.model_dump(), id_counter=id_counter)
+        fields = settings.model_dump(exclude={"scene_cut_threshold"})
+        return cls(**fields, id_counter=id_counter)
 
     @property
     def num_tracks(self) -> int:

@@ -108,6 +108,8 @@ class InferenceGate:
         max_per_track: int = 10,
         better_quality_ratio: float = 1.3,
         max_tracks: int = 10_000,
+        warmup_count: int = 1,
+        warmup_refresh_s: float | None = None,
     ) -> None:
         if not refresh_s > 0:
             raise ValueError(f"InferenceGate: refresh_s must be > 0, got {refresh_s}")
@@ -121,12 +123,25 @@ class InferenceGate:
         self.max_per_track = int(max_per_track)
         self.better_quality_ratio = float(better_quality_ratio)
         self.max_tracks = int(max_tracks)
+        # Until a track has `warmup_count` inferences (the votes its name needs) it refreshes faster, so a
+        # name is announced within a fraction of a second rather than after a full refresh interval.
+        # The same short interval is the minimum gap between "better face" re-inferences, so a face that
+        # grows quickly as it approaches does not trigger one per frame.
+        self.warmup_count = int(warmup_count)
+        if warmup_refresh_s is not None and not 0 < warmup_refresh_s <= self.refresh_s:
+            raise ValueError(
+                f"InferenceGate: warmup_refresh_s must be in (0, refresh_s={refresh_s}], got {warmup_refresh_s}"
+            )
+        self.warmup_refresh_s = float(warmup_refresh_s) if warmup_refresh_s is not None else self.refresh_s
+        self.min_gap_s = float(warmup_refresh_s) if warmup_refresh_s is not None else 0.0
         # Least recently seen first: a safety net if a caller forgets to call `forget`.
         self._tracks: OrderedDict[int, _TrackState] = OrderedDict()
 
     @classmethod
     def from_settings(cls, settings: RecognitionSettings) -> InferenceGate:
         return cls(
+            warmup_count=settings.min_votes,
+            warmup_refresh_s=min(settings.warmup_refresh_s, settings.refresh_s),
             refresh_s=settings.refresh_s,
             max_per_track=settings.max_per_track,
             better_quality_ratio=settings.better_quality_ratio,
@@ -161,8 +176,10 @@ class InferenceGate:
                 continue
             if timestamp < state.last_time:
                 state.last_time = timestamp  # the stream clock restarted (file loop, reconnect)
-            due = timestamp - state.last_time >= self.refresh_s
-            if due or geo >= state.best_quality * self.better_quality_ratio:
+            elapsed = timestamp - state.last_time
+            due = elapsed >= (self.warmup_refresh_s if state.count < self.warmup_count else self.refresh_s)
+            may_improve = elapsed >= self.min_gap_s
+            if due or (may_improve and geo >= state.best_quality * self.better_quality_ratio):
                 candidates.append((row, geo, due))
         chosen = []
         if candidates:

@@ -1,0 +1,323 @@
+"""`streamer run` end to end: real clips, real worker processes, a real ZeroMQ subscriber, a real RTSP server."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import av
+import cv2
+import numpy as np
+import pytest
+
+from streamer.publish.subscriber import EventSubscriber
+
+REPO = Path(__file__).resolve().parents[1]
+SAMPLE = REPO / "sample_videos" / "astronaut.mp4"
+SAMPLE_STILL = REPO / "sample_videos" / "astronaut.jpg"
+
+pytestmark = pytest.mark.slow
+
+
+def free_endpoint() -> str:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return f"tcp://127.0.0.1:{probe.getsockname()[1]}"
+
+
+@pytest.fixture(scope="module")
+def env(model_dir, cache_dir):
+    return {
+        **os.environ,
+        "STREAMER_MODEL_DIR": str(model_dir),
+        "STREAMER_MODELS__CACHE_DIR": str(cache_dir),
+        "PYTHONPATH": str(REPO),
+    }
+
+
+class Run:
+    """`streamer run` in a child process with a subscriber connected before it starts.
+
+    `wait_for` only looks at messages that arrive during the call, so successive waits see new events."""
+
+    def __init__(self, args: list[str], env: dict[str, str], verbose: bool = False) -> None:
+        self.endpoint = free_endpoint()
+        self.subscriber = EventSubscriber(self.endpoint, timeout_ms=200)
+        self.messages: list = []
+        command = [sys.executable, "-m", "streamer", "run", *args, "--publish", self.endpoint, "-q"]
+        if verbose:
+            command.append("-v")
+        self.process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    @property
+    def events(self) -> list:
+        return [m.event for m in self.messages]
+
+    def pump(self, seconds: float) -> None:
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            message = self.subscriber.receive_message(100)
+            if message is not None:
+                self.messages.append(message)
+
+    def wait_for(self, predicate, timeout: float, what: str):
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            message = self.subscriber.receive_message(100)
+            if message is None:
+                if self.process.poll() is not None:
+                    break
+                continue
+            self.messages.append(message)
+            if predicate(message.event):
+                return message.event
+        raise AssertionError(f"timed out waiting for {what}; stderr:\n{self.stderr_now()}")
+
+    def stderr_now(self) -> str:
+        if self.process.poll() is None:
+            return "(still running)"
+        return self.process.stderr.read()
+
+    def finish(self, timeout: float = 180) -> int:
+        deadline = time.monotonic() + timeout
+        while self.process.poll() is None and time.monotonic() < deadline:
+            self.pump(0.2)
+        if self.process.poll() is None:
+            self.process.kill()
+            raise AssertionError("streamer run did not finish in time")
+        self.pump(0.5)  # the last events after exit
+        self.stderr = self.process.stderr.read()
+        self.subscriber.close()
+        return self.process.returncode
+
+    def stop(self, sig: int = signal.SIGINT, timeout: float = 60) -> int:
+        self.process.send_signal(sig)
+        return self.finish(timeout)
+
+
+def check_stream_invariants(run: Run) -> None:
+    """What every subscriber may rely on: seq from 1 without gaps, valid events, privacy by default."""
+    seqs = [e.seq for e in run.events]
+    assert seqs and seqs[0] == 1, seqs[:5]
+    assert seqs == list(range(1, len(seqs) + 1)), "seq skipped or repeated"
+    assert run.subscriber.invalid == 0
+    for message in run.messages:
+        payload = json.loads(message.payload)
+        assert payload["schema"] == "streamer.event/1"
+        assert message.topic.decode() == f"{payload['kind']}.{payload['stream']}"
+        assert message.crop is None and "crop" not in payload and "embedding" not in payload
+    started = Counter((e.stream, e.track) for e in run.events if e.kind == "track.started")
+    ended = Counter((e.stream, e.track) for e in run.events if e.kind == "track.ended")
+    assert started == ended, "every started track must end, once"
+    assert max(started.values(), default=1) == 1
+
+
+@pytest.fixture(scope="module")
+def lin_gallery(tmp_path_factory, media_dir, model_dir, cache_dir):
+    from streamer.config import load_settings
+    from streamer.engine import FaceEngine
+    from streamer.match.gallery import Gallery
+
+    path = tmp_path_factory.mktemp("gallery") / "people.db"
+    settings = load_settings(overrides={"model_dir": str(model_dir), "models": {"cache_dir": str(cache_dir)}})
+    with FaceEngine(settings) as engine, Gallery(path) as gallery:
+        engine.enroll(gallery, "Lin-Manuel Miranda", [media_dir / "face_recognition/examples/lin-manuel-miranda.png"])
+        engine.enroll(gallery, "Eileen Collins", [SAMPLE_STILL])
+    return path
+
+
+def test_hamilton_clip_names_lin_manuel_miranda(env, media_dir, lin_gallery):
+    clip = media_dir / "face_recognition/examples/short_hamilton_clip.mp4"
+    run = Run([str(clip), "--gallery", str(lin_gallery)], env)
+    assert run.finish() == 0, run.stderr
+    check_stream_invariants(run)
+    identities = [e for e in run.events if e.kind == "identity"]
+    named = [e for e in identities if e.name == "Lin-Manuel Miranda"]
+    assert named, f"no identity event named him: {[(e.track, e.name, e.score) for e in identities]}"
+    assert all(0.5 < e.score <= 1 and e.distance < 0.6 for e in named)
+    assert not [e for e in identities if e.name == "Eileen Collins"], "nobody in this clip is the astronaut"
+    attributes = [e for e in run.events if e.kind == "attributes"]
+    assert attributes and all(e.age is not None and e.gender and e.emotion for e in attributes)
+    status = [e.status for e in run.events if e.kind == "stream.status"]
+    assert status[0] == "connected" and status[-1] == "ended"
+    assert run.events[-1].kind in ("heartbeat", "stream.status")
+    heartbeat = [e for e in run.events if e.kind == "heartbeat"][-1]
+    assert heartbeat.streams["cam0"].frames == 275
+
+
+def test_pedestrian_clip_track_ids_stay_stable(env, media_dir):
+    clip = media_dir / "facenet_pytorch/examples/video.mp4"
+    run = Run([str(clip)], env)
+    assert run.finish() == 0, run.stderr
+    check_stream_invariants(run)
+    ended = [e for e in run.events if e.kind == "track.ended"]
+    # People walk toward the camera: a handful of tracks, several spanning most of the 105 frames.
+    # An unstable tracker would fragment them into dozens of short tracks.
+    assert 3 <= len(ended) <= 25, [(e.track, e.frames) for e in ended]
+    long_tracks = [e for e in ended if e.frames >= 50]
+    assert len(long_tracks) >= 3, [(e.track, e.frames) for e in ended]
+    ids = [e.track for e in run.events if e.kind == "track.started"]
+    assert ids == sorted(ids) and len(set(ids)) == len(ids)
+    # No gallery: every recognised face is unknown, by definition.
+    assert all(e.name is None for e in run.events if e.kind == "identity")
+
+
+def test_embeddings_and_crops_only_when_enabled(env, lin_gallery):
+    run = Run(
+        [str(SAMPLE), "--gallery", str(lin_gallery)],
+        {**env, "STREAMER_PUBLISH__INCLUDE_EMBEDDINGS": "true", "STREAMER_PUBLISH__INCLUDE_CROPS": "1"},
+    )
+    assert run.finish() == 0, run.stderr
+    identities = [m for m in run.messages if m.event.kind == "identity"]
+    assert identities and all(m.event.name == "Eileen Collins" for m in identities)
+    for message in identities:
+        assert len(message.event.embedding) == 128
+        assert message.crop is not None
+        crop = cv2.imdecode(np.frombuffer(message.crop, np.uint8), cv2.IMREAD_COLOR)
+        assert crop is not None and min(crop.shape[:2]) >= 20
+
+
+def _face_sharpness(path: Path, frame_index: int, box) -> float:
+    with av.open(str(path)) as container:
+        for index, frame in enumerate(container.decode(video=0)):
+            if index == frame_index:
+                image = frame.to_ndarray(format="bgr24")
+                break
+    x1, y1, x2, y2 = (int(v) for v in box)
+    gray = cv2.cvtColor(image[y1:y2, x1:x2], cv2.COLOR_BGR2GRAY)
+    return float(cv2.Laplacian(gray, cv2.CV_64F).var())
+
+
+def test_output_video_blurs_unknown_faces_only(env, lin_gallery, tmp_path):
+    empty = tmp_path / "empty.db"
+    from streamer.match.gallery import Gallery
+
+    Gallery(empty).close()
+    blurred, known = tmp_path / "blurred.mp4", tmp_path / "known.mp4"
+    for gallery, output in ((empty, blurred), (lin_gallery, known)):
+        run = Run([str(SAMPLE), "--gallery", str(gallery), "--output", str(output), "--blur-unknown"], env)
+        assert run.finish() == 0, run.stderr
+    started = next(e for e in run.events if e.kind == "track.updated" and e.frame > 60)
+    with av.open(str(blurred)) as container:
+        stream = container.streams.video[0]
+        assert (stream.width, stream.height) == (1280, 720)
+        assert sum(1 for _ in container.decode(stream)) == 240
+    inner = [started.box[0] + 8, started.box[1] + 8, started.box[2] - 8, started.box[3] - 8]
+    sharp = _face_sharpness(known, started.frame, inner)
+    soft = _face_sharpness(blurred, started.frame, inner)
+    assert soft < 0.2 * sharp, (soft, sharp)
+
+
+def test_sigterm_on_live_source_drains_and_exits_zero(env):
+    run = Run(["lavfi:testsrc2=size=640x360:rate=30"], {**env, "STREAMER_PUBLISH__HEARTBEAT_S": "0.5"})
+    beat = run.wait_for(lambda e: e.kind == "heartbeat" and e.streams["cam0"].frames > 10, 90, "a heartbeat")
+    assert beat.streams["cam0"].status in ("connected", "reconnected") and beat.streams["cam0"].fps > 0
+    assert run.stop(signal.SIGTERM) == 0, run.stderr
+    check_stream_invariants(run)
+    statuses = [e.status for e in run.events if e.kind == "stream.status"]
+    assert statuses[0] == "connected" and statuses[-1] == "ended"
+
+
+def _worker_pids(stderr_lines: list[str]) -> dict[str, int]:
+    pids = {}
+    for line in stderr_lines:
+        found = re.search(r"started (\w+) worker \(pid (\d+)\)", line)
+        if found:
+            pids[found.group(1)] = int(found.group(2))
+    return pids
+
+
+def test_crashed_workers_are_reported_and_restarted(env, tmp_path):
+    config = tmp_path / "loop.yaml"
+    config.write_text(f"sources:\n  - url: {SAMPLE}\n    id: loop\n    loop: true\n    live: true\n")
+    run = Run(["--config", str(config)], env, verbose=True)
+    run.wait_for(lambda e: e.kind == "attributes", 120, "first attributes")
+    # The supervisor logs each worker's pid at INFO (-v); read them without blocking on stderr.
+    os.set_blocking(run.process.stderr.fileno(), False)
+    lines: list[str] = []
+    deadline = time.monotonic() + 10
+    while len(_worker_pids(lines)) < 2 and time.monotonic() < deadline:
+        chunk = run.process.stderr.read() or ""
+        lines += chunk.splitlines()
+        time.sleep(0.1)
+    pids = _worker_pids(lines)
+    assert set(pids) == {"detect", "inference"}, lines
+
+    os.kill(pids["inference"], signal.SIGKILL)
+    time.sleep(1.0)
+    run.wait_for(lambda e: e.kind in ("attributes", "identity"), 120, "attributes after the inference worker was killed")
+
+    os.kill(pids["detect"], signal.SIGKILL)
+    run.wait_for(lambda e: e.kind == "stream.status" and e.status == "lost" and "crashed" in e.detail, 30,
+                 "the crash reported")
+    run.wait_for(lambda e: e.kind == "stream.status" and e.status == "connected", 60, "the restarted reader")
+    run.wait_for(lambda e: e.kind == "track.started", 60, "tracks after the restart")
+    os.set_blocking(run.process.stderr.fileno(), True)
+    assert run.stop(signal.SIGINT) == 0
+    seqs = [e.seq for e in run.events]
+    assert seqs == list(range(1, len(seqs) + 1)), "a worker restart must not reset or skip seq"
+
+
+def test_rtsp_server_killed_and_restarted(env):
+    from rtsp_server import RtspServer, rtsp_server_unavailable
+
+    why = rtsp_server_unavailable()
+    if why:
+        pytest.skip(why)
+    with RtspServer(file=SAMPLE) as server:
+        run = Run([server.url], {**env, "STREAMER_PUBLISH__HEARTBEAT_S": "0.5"})
+        run.wait_for(lambda e: e.kind == "stream.status" and e.status == "connected", 60, "connected")
+        run.wait_for(lambda e: e.kind == "track.started", 60, "a track from the RTSP stream")
+        server.kill()
+        run.wait_for(lambda e: e.kind == "stream.status" and e.status == "lost", 30, "lost")
+        server.start()
+        run.wait_for(lambda e: e.kind == "stream.status" and e.status == "reconnected", 60, "reconnected")
+        run.wait_for(lambda e: e.kind == "track.started", 60, "events after reconnect")
+        assert run.stop() == 0, run.stderr
+    check_stream_invariants(run)
+    statuses = [e.status for e in run.events if e.kind == "stream.status"]
+    assert statuses[0] == "connected" and "lost" in statuses and "reconnected" in statuses
+    assert statuses[-1] == "ended"
+
+
+def test_subscribe_command_and_schema(env):
+    from streamer.publish.events import KINDS
+
+    schema = json.loads(
+        subprocess.run([sys.executable, "-m", "streamer", "events", "schema"], capture_output=True, text=True,
+                       env=env, check=True).stdout
+    )
+    text = json.dumps(schema)
+    for kind in KINDS:
+        assert kind in text
+    run = Run([str(SAMPLE)], env)
+    printer = subprocess.Popen(
+        [sys.executable, "-m", "streamer", "subscribe", run.endpoint, "--topic", "track.", "--timeout", "20"],
+        env=env, stdout=subprocess.PIPE, text=True,
+    )
+    assert run.finish() == 0
+    out, _ = printer.communicate(timeout=60)
+    lines = [line for line in out.splitlines() if line]
+    assert lines and all(line.startswith("track.") for line in lines)
+    topic, payload = lines[0].split(" ", 1)
+    assert json.loads(payload)["kind"] == topic.rsplit(".", 1)[0]
+
+
+def test_bad_settings_fail_at_start_naming_the_setting(env, tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("tracker:\n  min_hits: 0\n")
+    result = subprocess.run([sys.executable, "-m", "streamer", "run", str(SAMPLE), "--config", str(bad)],
+                            capture_output=True, text=True, env=env, timeout=60)
+    assert result.returncode == 2 and "tracker.min_hits" in result.stderr and "Traceback" not in result.stderr
+    result = subprocess.run([sys.executable, "-m", "streamer", "run", "/nonexistent/clip.mp4", "-q"],
+                            capture_output=True, text=True, env=env, timeout=120)
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert "/nonexistent/clip.mp4" in result.stderr and len(result.stderr.strip().splitlines()) == 1
