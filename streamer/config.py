@@ -35,6 +35,12 @@ class RuntimeSettings(_Section):
 
 class DetectorSettings(_Section):
     name: Literal["yunet", "blazeface", "scrfd_500m", "scrfd_2.5g"] = "yunet"
+    # YuNet through onnxruntime gives the same faces as cv2.FaceDetectorYN (tested) at ~2.4x the speed on
+    # CPU; "opencv" keeps OpenCV's own implementation.
+    backend: Literal["onnxruntime", "opencv"] = "onnxruntime"
+    interval: int = Field(
+        1, ge=1, le=10, description="streams: detect on every n-th frame, the tracker predicts in between"
+    )
     score_threshold: float = Field(0.6, gt=0.0, lt=1.0)
     nms_threshold: float = Field(0.3, gt=0.0, lt=1.0)
     max_side: int = Field(640, ge=64, description="detect on a copy whose longer side is at most this")

@@ -211,9 +211,12 @@ def _launch_line(args: argparse.Namespace) -> str:
         location = str(Path(args.file).resolve()).replace('"', '\\"')
         return f'( filesrc location="{location}" ! qtdemux ! h264parse ! rtph264pay name=pay0 pt=96 config-interval=1 )'
     width, height = (int(v) for v in args.size.split("x"))
+    # A key frame every half second: a client starts decoding at the first key frame after PLAY, so a
+    # longer GOP only makes every (re)connect in the tests slower.
+    gop = max(1, args.fps // 2)
     return (
         f"( videotestsrc is-live=true pattern=ball ! video/x-raw,width={width},height={height},"
-        f"framerate={args.fps}/1 ! videoconvert ! openh264enc complexity=low gop-size={args.fps} "
+        f"framerate={args.fps}/1 ! videoconvert ! openh264enc complexity=low gop-size={gop} "
         "! h264parse ! rtph264pay name=pay0 pt=96 config-interval=1 )"
     )
 

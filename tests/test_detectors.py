@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import typing
+from types import SimpleNamespace
 
+import av
 import cv2
 import numpy as np
 import pytest
@@ -18,7 +20,9 @@ from streamer.detect import (
     create_detector,
 )
 from streamer.errors import ModelError
+from streamer.detect.yunet import to_blob
 from streamer.models.registry import ModelRegistry
+from streamer.models.runtime import RuntimeOptions
 from streamer.types import Faces, LandmarkScheme
 
 NAMES = ["yunet", "blazeface", "scrfd_500m", "scrfd_2.5g"]
@@ -61,9 +65,20 @@ def couple(media_dir) -> np.ndarray:
     return read(media_dir / "deepface" / "couple.jpg")
 
 
-@pytest.fixture(scope="module", params=NAMES)
+def detector_settings(name: str, **fields: object) -> DetectorSettings:
+    """Settings with `backend`, even before DetectorSettings has that field (the factory uses getattr)."""
+    if "backend" in fields and "backend" not in DetectorSettings.model_fields:
+        plain = DetectorSettings(name=name).model_dump()
+        return SimpleNamespace(**{**plain, **fields})  # type: ignore[return-value]
+    return DetectorSettings(name=name, **fields)
+
+
+# "yunet" is the default (onnxruntime) backend; "yunet/opencv" is cv2.FaceDetectorYN, the reference.
+@pytest.fixture(scope="module", params=[*NAMES, "yunet/opencv"])
 def detector(request, registry) -> typing.Iterator[Detector]:
-    with create_detector(DetectorSettings(name=request.param), registry) as made:
+    name, _, backend = request.param.partition("/")
+    settings = detector_settings(name, backend=backend) if backend else DetectorSettings(name=name)
+    with create_detector(settings, registry) as made:
         yield made
 
 
@@ -266,3 +281,135 @@ def test_blazeface_close_is_idempotent_and_use_after_close_fails(registry, astro
         blaze.detect(astronaut)
     # A detector dropped without close() is closed by its finalizer, not by MediaPipe at exit.
     BlazeFaceDetector(registry.resolve("blazeface"))
+
+
+# -- YuNet: the onnxruntime backend against cv2.FaceDetectorYN -------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def yunet_pair(registry) -> typing.Iterator[tuple[YuNetDetector, YuNetDetector]]:
+    path = registry.resolve("yunet")
+    with YuNetDetector(path) as fast, YuNetDetector(path, backend="opencv") as reference:
+        yield fast, reference
+
+
+@pytest.fixture(scope="module")
+def video_frames(media_dir) -> list[np.ndarray]:
+    """Six frames spread over the facenet_pytorch clip, at 720p as a camera would send them."""
+    frames = []
+    with av.open(str(media_dir / "facenet_pytorch" / "examples" / "video.mp4")) as container:
+        for index, frame in enumerate(container.decode(video=0)):
+            if index % 15 == 0:
+                frames.append(cv2.resize(frame.to_ndarray(format="bgr24"), (1280, 720)))
+            if len(frames) == 6:
+                break
+    assert len(frames) == 6
+    return frames
+
+
+def assert_same_faces(got: Faces, want: Faces, label: str) -> None:
+    assert len(got) == len(want), f"{label}: {len(got)} faces vs {len(want)}"
+    for box, points, score in zip(want.boxes, want.landmarks, want.scores):
+        # Pair by overlap, not by rank: two faces with near-equal scores may swap places.
+        match = int(np.argmax([iou(box, other) for other in got.boxes]))
+        assert iou(box, got.boxes[match]) > 0.98, (label, box, got.boxes[match])
+        np.testing.assert_allclose(got.boxes[match], box, atol=1.0, err_msg=label)
+        np.testing.assert_allclose(got.landmarks[match], points, atol=1.0, err_msg=label)
+        assert abs(float(got.scores[match]) - float(score)) < 1e-3, label
+
+
+def test_yunet_backends_agree_on_real_photos(yunet_pair, media_dir, model_dir, astronaut) -> None:
+    fast, reference = yunet_pair
+    deepface = sorted((media_dir / "deepface").glob("img*.jpg"))[:24]
+    paths = [
+        *deepface,
+        media_dir / "deepface" / "couple.jpg",
+        media_dir / "facenet_pytorch" / "data" / "multiface.jpg",
+    ]
+    total = 0
+    for path in paths:
+        image = read(path)
+        want = reference.detect(image)
+        assert_same_faces(fast.detect(image), want, path.name)
+        total += len(want)
+    assert_same_faces(fast.detect(astronaut), reference.detect(astronaut), "astronaut")
+    assert total >= len(paths) + 5  # the comparison really covered faces (multiface alone has 6)
+
+
+@pytest.mark.parametrize("max_side", [640, 1280])
+def test_yunet_backends_agree_on_video_frames(registry, video_frames, max_side) -> None:
+    # A low threshold keeps many overlapping candidates alive, so NMS decides a lot here.
+    options = dict(score_threshold=0.3, max_side=max_side, min_face=0)
+    path = registry.resolve("yunet")
+    fast = YuNetDetector(path, **options)
+    reference = YuNetDetector(path, backend="opencv", **options)
+    with fast, reference:
+        found = 0
+        for index, frame in enumerate(video_frames):
+            want = reference.detect(frame)
+            assert_same_faces(fast.detect(frame), want, f"frame {index} at {max_side}")
+            found += len(want)
+        assert found >= len(video_frames)
+
+
+def test_yunet_preprocessing_is_what_face_detector_yn_feeds_the_net(astronaut, couple) -> None:
+    small = np.ascontiguousarray(couple[:397, :570])
+    blob = to_blob([astronaut[:500, :490], small], 576, 512)
+    padded = [
+        cv2.copyMakeBorder(
+            image, 0, 512 - image.shape[0], 0, 576 - image.shape[1], cv2.BORDER_CONSTANT
+        )
+        for image in (astronaut[:500, :490], small)
+    ]
+    np.testing.assert_array_equal(blob, cv2.dnn.blobFromImages(padded))  # raw BGR 0..255, NCHW
+    assert blob.dtype == np.float32 and blob.shape == (2, 3, 512, 576)
+    assert blob[:, :, 500:, :].max() == 0 and blob[0, :, :, 490:].max() == 0  # zero pad bottom/right
+
+
+def test_yunet_onnxruntime_session_defaults_to_one_thread(registry, yunet_pair) -> None:
+    fast, _ = yunet_pair
+    assert fast.backend == "onnxruntime" and fast.model is not None
+    assert fast.model.session.get_session_options().intra_op_num_threads == 1
+    two_threads = RuntimeOptions(device="cpu", intra_op_threads=2)
+    with YuNetDetector(registry.resolve("yunet"), runtime=two_threads) as two:
+        assert two.model is not None and two.model.session.get_session_options().intra_op_num_threads == 2
+        assert two.model.device == "cpu"
+
+
+def test_factory_picks_the_yunet_backend(registry) -> None:
+    with create_detector(DetectorSettings(name="yunet"), registry) as default:
+        assert isinstance(default, YuNetDetector) and default.backend == "onnxruntime"
+    runtime = RuntimeOptions(device="cpu", intra_op_threads=2)
+    with create_detector(detector_settings("yunet", backend="onnxruntime"), registry, runtime) as made:
+        assert made.model.session.get_session_options().intra_op_num_threads == 2  # type: ignore[attr-defined]
+    # The runtime is for onnxruntime sessions; the opencv backend takes none and must not fail on one.
+    settings = detector_settings("yunet", backend="opencv", max_side=320)
+    with create_detector(settings, registry, runtime) as made:
+        assert isinstance(made, YuNetDetector) and made.backend == "opencv" and made.max_side == 320
+
+
+def test_yunet_bad_backend_and_misplaced_runtime_raise_value_error(registry) -> None:
+    path = registry.resolve("yunet")
+    with pytest.raises(ValueError, match=r"backend must be one of .*got 'tensorrt'"):
+        YuNetDetector(path, backend="tensorrt")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="onnxruntime backend only"):
+        YuNetDetector(path, backend="opencv", runtime=RuntimeOptions())
+
+
+@pytest.mark.parametrize("backend", ["onnxruntime", "opencv"])
+def test_yunet_rejects_a_wrong_model_file_on_either_backend(model_dir, tmp_path, backend) -> None:
+    with pytest.raises(ModelError, match="yunet"):
+        YuNetDetector(model_dir / "scrfd_500m_bnkps.onnx", backend=backend)  # type: ignore[arg-type]
+    corrupt = tmp_path / "corrupt.onnx"
+    corrupt.write_bytes(b"not an onnx file")
+    with pytest.raises(ModelError, match="yunet"):
+        YuNetDetector(corrupt, backend=backend)  # type: ignore[arg-type]
+
+
+def test_yunet_onnxruntime_close_is_idempotent_and_use_after_close_fails(registry, astronaut) -> None:
+    yunet = YuNetDetector(registry.resolve("yunet"))
+    assert len(yunet.detect(astronaut)) == 1
+    yunet.close()
+    yunet.close()
+    with pytest.raises(RuntimeError, match="after close"):
+        yunet.detect(astronaut)

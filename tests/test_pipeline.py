@@ -83,8 +83,8 @@ class Run:
 
     def stderr_now(self) -> str:
         if self.process.poll() is None:
-            return "(still running)"
-        return self.process.stderr.read()
+            self.process.kill()
+        return self.process.stderr.read()[-5000:]
 
     def finish(self, timeout: float = 180) -> int:
         deadline = time.monotonic() + timeout

@@ -3,11 +3,15 @@ RTSP server on 127.0.0.1 that is killed, restarted and frozen underneath a readi
 
 from __future__ import annotations
 
+import functools
+import http.server
 import random
+import threading
 import time
 import wave
 from pathlib import Path
 
+import av
 import numpy as np
 import pytest
 from rtsp_server import RtspServer, free_port, rtsp_server_unavailable
@@ -198,6 +202,39 @@ def test_video_without_decodable_frames_fails_at_start(tmp_path, clip):
         source.start()
 
 
+@pytest.fixture()
+def http_root(tmp_path):
+    """A plain HTTP server on 127.0.0.1 serving tmp_path (no Range support, so streamable formats only)."""
+
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Quiet, directory=str(tmp_path)))
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield tmp_path, f"http://127.0.0.1:{server.server_port}"
+    server.shutdown()
+    server.server_close()
+    thread.join()
+
+
+def test_http_stream_read_as_a_remote_file(http_root, clip):
+    folder, base = http_root
+    with av.open(str(clip)) as mp4, av.open(str(folder / "clip.ts"), "w", format="mpegts") as ts:
+        video = ts.add_stream_from_template(mp4.streams.video[0])
+        for packet in mp4.demux(mp4.streams.video[0]):
+            if packet.dts is not None:
+                packet.stream = video
+                ts.mux(packet)
+    settings = SourceSettings(url=f"{base}/clip.ts", live=False)
+    with open_source(settings, "web", ReconnectSettings()) as source:
+        frames = read_all(source)
+    assert len(frames) == CLIP_FRAMES and frames[0].image.shape == (360, 640, 3)
+    with pytest.raises(SourceError, match="404"):
+        open_source(SourceSettings(url=f"{base}/nope.ts", live=False), "web", ReconnectSettings()).start()
+
+
 # ----------------------------------------------------------------------------- live: lavfi, webcam backend
 
 
@@ -320,8 +357,18 @@ def test_rtsp_frozen_server_is_caught_by_the_watchdog(rtsp_available):
         assert [c.status for c in seen] == ["connected", "lost", "reconnected"]
 
 
-def test_rtsp_serves_a_file(rtsp_available, clip):
-    with RtspServer(file=clip) as server:
+@pytest.mark.parametrize("name", ["hamilton", "astronaut"])
+def test_rtsp_serves_a_file(rtsp_available, clip, name):
+    """The astronaut sample is High profile with one key frame per many frames: a client that throws away
+    what it read while probing (fflags nobuffer) never decodes a frame of it."""
+    path = clip if name == "hamilton" else Path(__file__).resolve().parents[1] / "sample_videos" / "astronaut.mp4"
+    if not path.is_file():
+        pytest.skip(f"{path} not present")
+    with av.open(str(path)) as container:
+        size = (container.streams.video[0].height, container.streams.video[0].width)
+    with RtspServer(file=path) as server:
         with open_source(SourceSettings(url=server.url), "file-over-rtsp", FAST) as source:
-            frames = [source.read(5.0) for _ in range(3)]
-    assert all(f is not None and f.image.shape == (360, 640, 3) for f in frames)
+            frames = []
+            while len(frames) < 10 and (frame := source.read(5.0)) is not None:
+                frames.append(frame)
+    assert len(frames) == 10 and all(f.image.shape == (*size, 3) for f in frames)

@@ -26,7 +26,8 @@ def create_detector(
     """The detector named in `settings`, loaded from the file the registry resolves for that name.
 
     A missing, corrupt or licence-blocked model raises the registry's ModelError unchanged.
-    `runtime` (device, threads) applies to the onnxruntime-based detectors (SCRFD) only.
+    `runtime` (device, threads) applies to the onnxruntime-based detectors (SCRFD, and YuNet on its
+    default onnxruntime backend, which otherwise runs on 1 thread); `settings.backend` picks YuNet's.
     """
     try:
         cls = DETECTORS[settings.name]
@@ -41,6 +42,12 @@ def create_detector(
         max_side=settings.max_side,
         min_face=settings.min_face,
     )
+    if cls is YuNetDetector:
+        # getattr: settings from before DetectorSettings had a backend field still work.
+        backend = getattr(settings, "backend", "onnxruntime")
+        if backend == "onnxruntime":
+            return YuNetDetector(path, backend=backend, runtime=runtime, **options)
+        return YuNetDetector(path, backend=backend, **options)
     if issubclass(cls, SCRFDDetector) and runtime is not None:
         return cls(path, runtime=runtime, **options)
     return cls(path, **options)

@@ -91,7 +91,8 @@ def pipeline_run(settings: Settings, path: str, *, live: bool) -> dict[str, Any]
             "output": {"path": None},
         }
     )
-    supervisor = Supervisor(run_settings, progress=False)
+    # A clip played as a camera reconnects at its end like a camera would; one pass is enough here.
+    supervisor = Supervisor(run_settings, progress=False, stop_on_status=frozenset({"lost"}) if live else frozenset())
     summary = supervisor.run()
     stats = summary.last_stats
     stream = stats.get("streams", {}).get("bench", {})

@@ -57,6 +57,8 @@ class StreamState:
     fps_window_start: float = field(default_factory=time.monotonic)
     fps_window_frames: int = 0
     scene_cuts: Any = None
+    last_detections: Faces | None = None
+    last_tracked: Faces | None = None
     ended: bool = False
     last_frame: Frame | None = None
 
@@ -85,6 +87,7 @@ class DetectWorker:
             update={"score_threshold": min(settings.detector.score_threshold, settings.tracker.low_threshold)}
         )
         self.detector = create_detector(detector_settings, engine.registry)
+        self.detector.detect(np.zeros((720, 1280, 3), np.uint8))  # first-run setup now, not on frame 1
         self.embedder_spec = embedder_spec(settings.embedder.name, engine.registry)
         self.threshold = settings.embedder.threshold or self.embedder_spec.threshold
         self.head_specs = {name: _head_spec(name) for name in settings.attributes.enabled}
@@ -195,23 +198,27 @@ class DetectWorker:
     # -- per frame ----------------------------------------------------------------------------------------
     def process(self, stream: StreamState, frame: Frame) -> None:
         previous, stream.last_frame = stream.last_frame, frame
-        if stream.scene_cuts is not None and stream.scene_cuts.is_cut(frame.image):
-            # New shot: the faces before the cut are gone, whatever the motion model predicts.
-            for info in stream.tracker.flush():
-                self._end_track(stream, info, previous)
-        detections = self.detector.detect(frame.image)
-        update = stream.tracker.update(detections, frame.index, frame.pts)
-        for info in update.started:
-            self._emit("track.started", stream, frame, track=info.track_id, box=_box(info.box))
-        for info in update.ended:
-            self._end_track(stream, info, frame)
-        faces = update.faces
-        self._maybe_track_updates(stream, frame, faces)
-        rows = stream.gate.select(frame.image, faces, frame.pts)
-        if len(rows):
-            self._request_inference(stream, frame, faces[rows])
-        if stream.writer is not None or self.settings.output.path is not None:
-            self._write_output(stream, frame, detections, faces)
+        # With detector.interval > 1 the frames in between are only counted and drawn: tracks keep the
+        # boxes of their last detection (the tracker sees every n-th frame as consecutive steps).
+        if stream.frames % self.settings.detector.interval == 0:
+            if stream.scene_cuts is not None and stream.scene_cuts.is_cut(frame.image):
+                # New shot: the faces before the cut are gone, whatever the motion model predicts.
+                for info in stream.tracker.flush():
+                    self._end_track(stream, info, previous)
+            detections = self.detector.detect(frame.image)
+            update = stream.tracker.update(detections, frame.index, frame.pts)
+            for info in update.started:
+                self._emit("track.started", stream, frame, track=info.track_id, box=_box(info.box))
+            for info in update.ended:
+                self._end_track(stream, info, frame)
+            faces = update.faces
+            self._maybe_track_updates(stream, frame, faces)
+            rows = stream.gate.select(frame.image, faces, frame.pts)
+            if len(rows):
+                self._request_inference(stream, frame, faces[rows])
+            stream.last_detections, stream.last_tracked = detections, faces
+        if self.settings.output.path is not None and stream.last_detections is not None:
+            self._write_output(stream, frame, stream.last_detections, stream.last_tracked)
         self._count_fps(stream)
 
     def _maybe_track_updates(self, stream: StreamState, frame: Frame, faces: Faces) -> None:
@@ -458,8 +465,12 @@ class DetectWorker:
         streams = {}
         for stream in self.streams:
             stats = stream.source.stats
+            fps = stream.fps
+            window = time.monotonic() - stream.fps_window_start
+            if not fps and stream.fps_window_frames and window > 0.2:  # before the first full window
+                fps = stream.fps_window_frames / window
             streams[stream.id] = {
-                "fps": round(stream.fps, 2),
+                "fps": round(fps, 2),
                 "frames": stream.frames,
                 "dropped": int(stats.dropped),
                 "status": "ended" if stream.ended else stats.status,

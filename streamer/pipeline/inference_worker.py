@@ -31,6 +31,22 @@ class InferenceModels:
         self.embedder = engine.embedder
         self.heads = {name: engine.head(name) for name in settings.attributes.enabled}
         self.device = self.embedder.model.device if hasattr(self.embedder, "model") else "cpu"
+        self._warm_up()
+
+    def _warm_up(self) -> None:
+        """First runs allocate and plan; do them now, not on the first real faces (latency)."""
+        from streamer.infer.attributes import prepare_function
+        from streamer.types import Faces
+
+        image = np.zeros((160, 160, 3), np.uint8)
+        faces = Faces(
+            boxes=[[40, 40, 120, 120]],
+            scores=[1.0],
+            landmarks=[[[60, 70], [100, 70], [80, 90], [65, 105], [95, 105]]],
+        )
+        self.embedder.embed(self.embedder.spec.prepare(image, faces))
+        for name, head in self.heads.items():
+            head.predict_arrays(prepare_function(name)(image, faces))
 
     def run(self, chips: np.ndarray | None, crops: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         out: dict[str, np.ndarray] = {}

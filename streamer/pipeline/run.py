@@ -47,6 +47,7 @@ class RunSummary:
     published: int = 0
     dropped: int = 0
     latencies_ms: deque = field(default_factory=lambda: deque(maxlen=100_000))
+    latencies_by_kind: dict[str, list[float]] = field(default_factory=dict)
     frames: int = 0
     faces_sent: int = 0
     started: float = field(default_factory=time.monotonic)
@@ -110,6 +111,7 @@ class Supervisor:
         progress: bool = False,
         print_events: bool = False,
         log_level: int | None = None,
+        stop_on_status: frozenset[str] = frozenset(),
     ) -> None:
         from streamer.publish.events import Event
         from streamer.publish.publisher import EventPublisher
@@ -120,6 +122,7 @@ class Supervisor:
         self.fatal: str | None = None
         self.progress = progress
         self.print_events = print_events
+        self.stop_on_status = stop_on_status  # e.g. {"lost"}: the bench replays a clip once as a camera
         self.log_level = log_level if log_level is not None else logging.getLogger().getEffectiveLevel()
         self._event_adapter = TypeAdapter(Event)
         self._tmp = tempfile.TemporaryDirectory(prefix="streamer-")
@@ -235,12 +238,18 @@ class Supervisor:
             log.error("dropping malformed %s event: %s", payload.get("kind"), exc)
             return
         sent = self.publisher.publish(event, crop=crop)
+        if event.kind == "stream.status" and event.status in self.stop_on_status:
+            self.request_stop()
         self.summary.published += 1
         if self.print_events:
             sys.stdout.write(f"{sent.topic.decode()} {sent.payload().decode()}\n")
             sys.stdout.flush()
         if decoded_at is not None:
-            self.summary.latencies_ms.append((time.monotonic() - decoded_at) * 1000)
+            latency = (time.monotonic() - decoded_at) * 1000
+            self.summary.latencies_ms.append(latency)
+            by_kind = self.summary.latencies_by_kind.setdefault(event.kind, [])
+            if len(by_kind) < 100_000:
+                by_kind.append(latency)
 
     def _maybe_heartbeat(self) -> None:
         if time.monotonic() - self._last_heartbeat >= self.settings.publish.heartbeat_s:

@@ -150,7 +150,9 @@ class Identity(FaceEvent):
     kind: Literal["identity"] = "identity"
     name: str | None = Field(description="gallery name, or null for an unknown face")
     score: Float = Field(description="confidence of the decision in [0, 1]")
-    distance: Float = Field(description="embedding distance to the best gallery match")
+    distance: Float | None = Field(
+        description="embedding distance to the best gallery match; null when the gallery is empty"
+    )
     votes: dict[str, int] = Field(description='recognitions of this track per name ("unknown" for no match)')
     embedding: list[float] | None = Field(
         None,

@@ -325,8 +325,14 @@ class ThreadedSource(Source, Generic[H]):
             self._buffer.close()
 
     def _run_file(self) -> None:
-        handle = self._first_handle if self._first_handle is not None else self._open()
-        self._first_handle = None
+        handle, self._first_handle = self._first_handle, None
+        if handle is None:  # backends that do not open in start()
+            try:
+                handle = self._open()
+            except Exception as exc:  # not live: no retry, the stream ends visibly
+                self._emit("ended", f"open failed: {self._describe_error(exc)}")
+                self._set_state("ended")
+                return
         self._connected()
         detail = "end of file"
         try:
@@ -355,8 +361,8 @@ class ThreadedSource(Source, Generic[H]):
                     if self._stop.wait(next(delays)):
                         return
                     continue
-            delays = backoff_delays(self.reconnect)
             generation = self._connected()
+            produced = self._frames
             try:
                 self._pump(handle, generation)
                 detail = "end of stream"
@@ -369,6 +375,8 @@ class ThreadedSource(Source, Generic[H]):
             if self._stop.is_set():
                 return
             self._lost(detail)
+            if self._frames > produced:  # a connection that opens but never delivers keeps backing off
+                delays = backoff_delays(self.reconnect)
             if self._stop.wait(next(delays)):
                 return
 

@@ -25,7 +25,8 @@ class SceneCutDetector:
 
     def is_cut(self, image_bgr: np.ndarray) -> bool:
         """True when this frame starts a new shot (never for the first frame)."""
-        small = cv2.resize(image_bgr, _SIZE, interpolation=cv2.INTER_AREA)
+        # Every 4th pixel first: a histogram needs no anti-aliasing, and this makes the resize ~10x cheaper.
+        small = cv2.resize(image_bgr[::4, ::4], _SIZE, interpolation=cv2.INTER_NEAREST)
         hsv = cv2.cvtColor(small, cv2.COLOR_BGR2HSV)
         histogram = cv2.calcHist([hsv], [0, 1, 2], None, _BINS, _RANGES)
         cv2.normalize(histogram, histogram)
