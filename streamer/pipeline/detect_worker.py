@@ -10,6 +10,7 @@ per-track state is. Events go to the supervisor, which owns the public PUB socke
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import sys
 import time
@@ -28,6 +29,7 @@ from streamer.types import Attributes, Faces, Frame
 
 log = logging.getLogger(__name__)
 
+_HEALTH = {"idle": "connecting", "stopped": "ended"}  # reader states -> heartbeat statuses
 REQUEST_TIMEOUT_S = 10.0  # a request unanswered this long is given up (inference worker restarting)
 DRAIN_TIMEOUT_S = 10.0
 
@@ -105,6 +107,9 @@ class DetectWorker:
             self.context, zmq.DEALER, hwm=SocketDefaults.REQUEST_HWM, connect=inference_endpoint
         )
         self.events = make_socket(self.context, zmq.PUSH, hwm=SocketDefaults.EVENT_HWM, connect=events_endpoint)
+        self.preview = settings.output.preview and display_available()
+        if settings.output.preview and not self.preview:
+            log.warning("output.preview: no display here (DISPLAY/WAYLAND_DISPLAY unset); running without a window")
         self.pending: dict[int, float] = {}  # request id -> sent at
         self.pending_crops: dict[int, list[bytes]] = {}  # request id -> JPEG per face (crops enabled only)
         self.next_request = 1
@@ -217,7 +222,7 @@ class DetectWorker:
             if len(rows):
                 self._request_inference(stream, frame, faces[rows])
             stream.last_detections, stream.last_tracked = detections, faces
-        if self.settings.output.path is not None and stream.last_detections is not None:
+        if (self.settings.output.path is not None or self.preview) and stream.last_detections is not None:
             self._write_output(stream, frame, stream.last_detections, stream.last_tracked)
         self._count_fps(stream)
 
@@ -389,13 +394,13 @@ class DetectWorker:
         from streamer.publish.annotate import FaceLabel, draw_faces
         from streamer.track.bytetrack import box_iou
 
-        if stream.writer is None:
+        if stream.writer is None and self.settings.output.path is not None:
             from streamer.publish.video import VideoWriter
 
             path = Path(self.settings.output.path)
             if len(self.settings.sources) > 1:
                 path = path.with_name(f"{path.stem}-{stream.id}{path.suffix}")
-            fps = getattr(stream.source, "fps", None) or 30.0
+            fps = stream.source.frame_rate or 30.0
             stream.writer = VideoWriter(path, fps, frame.width, frame.height)
         labels: list[FaceLabel] = []
         # Every detection is drawn (and blurred unless known), tracked or not: an untracked face is
@@ -418,7 +423,15 @@ class DetectWorker:
                 )
             )
         blur = np.array([not lab.known for lab in labels], bool) if self.settings.output.blur_unknown else None
-        stream.writer.write(draw_faces(frame.image, detections.boxes, labels, blur))
+        annotated = draw_faces(frame.image, detections.boxes, labels, blur)
+        if stream.writer is not None:
+            stream.writer.write(annotated)
+        if self.preview:
+            import cv2
+
+            cv2.imshow(f"streamer {stream.id}", annotated)
+            if cv2.waitKey(1) & 0xFF in (ord("q"), 27):  # q or Esc in the window stops the run
+                self.running = False
 
     # -- events -------------------------------------------------------------------------------------------------
     def _emit(self, kind: str, stream: StreamState, frame: Frame | None, **fields: Any) -> None:
@@ -473,8 +486,9 @@ class DetectWorker:
                 "fps": round(fps, 2),
                 "frames": stream.frames,
                 "dropped": int(stats.dropped),
-                "status": "ended" if stream.ended else stats.status,
+                "status": "ended" if stream.ended else _HEALTH.get(stats.status, stats.status),
                 "reconnects": int(stats.reconnects),
+                "total_frames": stream.source.total_frames,
             }
         self._emit_raw(
             {
@@ -492,6 +506,13 @@ def _head_spec(name: str):
     from streamer.infer.attributes import prepare_function
 
     return prepare_function(name)
+
+
+def display_available() -> bool:
+    """cv2.imshow aborts the whole process (Qt, SIGABRT) without a display, so ask before opening one."""
+    if sys.platform.startswith("linux"):
+        return bool(os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY"))
+    return True
 
 
 def _jpeg_crop(image: np.ndarray, box: np.ndarray, margin: float = 0.2) -> bytes:

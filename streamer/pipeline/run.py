@@ -262,10 +262,13 @@ class Supervisor:
             return
         queues = dict(stats.get("queues", {}))
         queues["publish_dropped"] = self.publisher.dropped
+        health = ("fps", "frames", "dropped", "status", "reconnects")
         self._publish(
             {
                 "kind": "heartbeat",
-                "streams": stats.get("streams", {}),
+                "streams": {
+                    stream: {key: info[key] for key in health} for stream, info in stats.get("streams", {}).items()
+                },
                 "queues": queues,
                 "uptime": round(time.monotonic() - self.summary.started, 3),
             }

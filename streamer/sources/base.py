@@ -65,6 +65,10 @@ class Source(ABC):
     id: str
     url: str
     live: bool
+    # Known once the source is open, when the input says: frames per second of the frames delivered
+    # (for the annotated output) and how many a file will deliver (for the progress bar).
+    frame_rate: float | None = None
+    total_frames: int | None = None
 
     @abstractmethod
     def start(self) -> None:

@@ -124,6 +124,10 @@ class PyAVSource(ThreadedSource[_Handle]):
             container.close()
             raise
         handle = _Handle(container, stream, float(rate) if rate else None)
+        self.frame_rate = self.fps or handle.rate
+        if self.kind == "file" and not self.loop and stream.frames:
+            duration_s = stream.frames / handle.rate if handle.rate else None
+            self.total_frames = int(stream.frames if not self.fps or not duration_s else duration_s * self.fps)
         if self.kind == "file" or not self.live:
             self._probe(handle)
         log.info(
