@@ -487,7 +487,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bench", parents=[common], help="decode vs pipeline vs naive loop on one clip")
     p.add_argument("source")
     p.add_argument("--frames", type=int, help="use at most this many frames")
-    p.add_argument("--live", action="store_true", help="treat the clip as a live source for the latency figures")
+    p.add_argument(
+        "--no-live",
+        dest="live",
+        action="store_false",
+        help="skip the pass that replays the clip as a live camera (latency then comes from the file pass)",
+    )
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_bench)
     return parser

@@ -107,6 +107,9 @@ def pipeline_run(settings: Settings, path: str, *, live: bool) -> dict[str, Any]
         "dropped": int(stream.get("dropped", 0)),
         "latency_p50": float(np.percentile(latencies, 50)) if latencies.size else None,
         "latency_p95": float(np.percentile(latencies, 95)) if latencies.size else None,
+        "latency_p95_by_kind": {
+            kind: round(float(np.percentile(values, 95)), 1) for kind, values in summary.latencies_by_kind.items()
+        },
     }
 
 
@@ -115,7 +118,7 @@ def run_bench(settings: Settings, path: str, max_frames: int | None = None, live
     if decoded == 0:
         raise InputError(f"{path}: no video frames")
     pipeline = pipeline_run(settings, path, live=False)
-    naive_frames, naive_s, naive_faces = naive_loop(settings, path, min(max_frames or 10**9, 150))
+    naive_frames, naive_s, naive_faces = naive_loop(settings, path, max_frames)
     result: dict[str, Any] = {
         "source": path,
         "frames": pipeline["frames"],
@@ -133,6 +136,7 @@ def run_bench(settings: Settings, path: str, max_frames: int | None = None, live
         result["latency_ms_p95"] = _round(live_run["latency_p95"])
         result["live_frames"] = live_run["frames"]
         result["live_dropped"] = live_run["dropped"]
+        result["latency_ms_p95_by_kind"] = live_run["latency_p95_by_kind"]
     else:
         result["latency_ms_p50"] = _round(pipeline["latency_p50"])
         result["latency_ms_p95"] = _round(pipeline["latency_p95"])
