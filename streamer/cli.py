@@ -365,6 +365,22 @@ def cmd_run(args: argparse.Namespace) -> int:
     return run_pipeline(settings, progress=not args.quiet, print_events=args.print_events)
 
 
+def cmd_inference_worker(args: argparse.Namespace) -> int:
+    """A standalone inference worker (e.g. on a GPU host) that `streamer run` hosts reach through
+    `inference.endpoint`; it serves any number of them until SIGINT/SIGTERM."""
+    import signal
+
+    from streamer.pipeline.inference_worker import InferenceWorker
+
+    settings = _settings(args)
+    worker = InferenceWorker(settings, args.bind)
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, worker.stop)
+    print(f"inference worker on {args.bind} ({worker.models.device})", file=sys.stderr)
+    worker.serve()
+    return 0
+
+
 def cmd_subscribe(args: argparse.Namespace) -> int:
     from streamer.publish.subscriber import print_events
 
@@ -420,6 +436,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--print-events", action="store_true", help="also print every published event on stdout")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser(
+        "inference-worker", parents=[common], help="serve batched inference to `streamer run` hosts over tcp"
+    )
+    p.add_argument("--bind", default="tcp://0.0.0.0:5560", help="endpoint to bind (default tcp://0.0.0.0:5560)")
+    p.set_defaults(func=cmd_inference_worker)
 
     p = sub.add_parser("subscribe", help="print events published by `streamer run`")
     p.add_argument("endpoint", nargs="?", default="tcp://127.0.0.1:5556")

@@ -321,3 +321,18 @@ def test_bad_settings_fail_at_start_naming_the_setting(env, tmp_path):
                             capture_output=True, text=True, env=env, timeout=120)
     assert result.returncode != 0 and "Traceback" not in result.stderr
     assert "/nonexistent/clip.mp4" in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_remote_inference_worker_serves_a_run(env, lin_gallery):
+    endpoint = free_endpoint()
+    worker = subprocess.Popen([sys.executable, "-m", "streamer", "inference-worker", "--bind", endpoint],
+                              env=env, stderr=subprocess.PIPE, text=True)
+    try:
+        run = Run([str(SAMPLE), "--gallery", str(lin_gallery)], {**env, "STREAMER_INFERENCE__ENDPOINT": endpoint})
+        assert run.finish() == 0, run.stderr
+        names = {e.name for e in run.events if e.kind == "identity"}
+        assert names == {"Eileen Collins"}
+        assert any(e.kind == "attributes" for e in run.events)
+    finally:
+        worker.send_signal(signal.SIGTERM)
+        assert worker.wait(timeout=30) == 0

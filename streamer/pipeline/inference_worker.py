@@ -15,6 +15,7 @@ import numpy as np
 import zmq
 
 from streamer.config import Settings
+from streamer.errors import ConfigError
 from streamer.pipeline.batching import DynamicBatcher, PendingRequest, concat
 from streamer.pipeline.transport import SocketDefaults, decode, encode, make_socket
 
@@ -75,7 +76,10 @@ class InferenceWorker:
         self.models = models or InferenceModels(settings)
         self.batcher = DynamicBatcher(settings.inference.max_batch, settings.inference.max_wait_ms / 1000)
         self.context = zmq.Context.instance()
-        self.socket = make_socket(self.context, zmq.ROUTER, hwm=SocketDefaults.RESULT_HWM, bind=endpoint)
+        try:
+            self.socket = make_socket(self.context, zmq.ROUTER, hwm=SocketDefaults.RESULT_HWM, bind=endpoint)
+        except zmq.ZMQError as exc:
+            raise ConfigError(f"inference.endpoint: cannot bind {endpoint!r}: {exc.strerror}") from None
         self.running = True
         self.batches = 0
         self.faces = 0
