@@ -53,6 +53,7 @@ class StreamState:
     smoother: Any
     writer: Any = None
     labels: dict[int, TrackLabel] = field(default_factory=dict)
+    live_tracks: set[int] = field(default_factory=set)
     last_update_emit: dict[int, float] = field(default_factory=dict)
     frames: int = 0
     fps: float = 0.0
@@ -213,6 +214,7 @@ class DetectWorker:
             detections = self.detector.detect(frame.image)
             update = stream.tracker.update(detections, frame.index, frame.pts)
             for info in update.started:
+                stream.live_tracks.add(info.track_id)
                 self._emit("track.started", stream, frame, track=info.track_id, box=_box(info.box))
             for info in update.ended:
                 self._end_track(stream, info, frame)
@@ -251,6 +253,7 @@ class DetectWorker:
             at_frame=info.last_frame,
             at_pts=info.last_timestamp,
         )
+        stream.live_tracks.discard(info.track_id)
         stream.gate.forget([info.track_id])
         stream.voter.forget(info.track_id)
         stream.smoother.forget(info.track_id)
@@ -262,8 +265,8 @@ class DetectWorker:
             return
         for info in stream.tracker.flush():
             self._end_track(stream, info, stream.last_frame)
-        status = "ended"
-        self._emit_raw({"kind": "stream.status", "stream": stream.id, "status": status, "detail": "end of input"})
+        detail = "stopped" if not self.running else "end of input"
+        self._emit_raw({"kind": "stream.status", "stream": stream.id, "status": "ended", "detail": detail})
         stream.ended = True
 
     def _forward_status(self, stream: StreamState) -> None:
@@ -343,6 +346,8 @@ class DetectWorker:
             attributes_from_arrays(len(tracks), arrays) if any(h in arrays for h in HEADS) else None
         )
         for row, track in enumerate(tracks):
+            if track not in stream.live_tracks:
+                continue  # ended while its faces were in flight: its per-track state is gone, keep it so
             label = stream.labels.setdefault(track, TrackLabel())
             fields = {
                 "track": track,
