@@ -336,3 +336,26 @@ def test_remote_inference_worker_serves_a_run(env, lin_gallery):
     finally:
         worker.send_signal(signal.SIGTERM)
         assert worker.wait(timeout=30) == 0
+
+
+def test_several_streams_in_one_run(env, lin_gallery, media_dir, tmp_path):
+    config = tmp_path / "two.yaml"
+    config.write_text(
+        "sources:\n"
+        f"  - url: {SAMPLE}\n    id: lobby\n"
+        f"  - url: {media_dir / 'face_recognition/examples/short_hamilton_clip.mp4'}\n    id: stage\n"
+    )
+    output = tmp_path / "out.mp4"
+    run = Run(["--config", str(config), "--gallery", str(lin_gallery), "--output", str(output)], env)
+    assert run.finish() == 0, run.stderr
+    check_stream_invariants(run)
+    names = {(e.stream, e.name) for e in run.events if e.kind == "identity" and e.name}
+    assert ("lobby", "Eileen Collins") in names and ("stage", "Lin-Manuel Miranda") in names
+    ended = {e.stream for e in run.events if e.kind == "stream.status" and e.status == "ended"}
+    assert ended == {"lobby", "stage"}
+    heartbeat = [e for e in run.events if e.kind == "heartbeat"][-1]
+    assert {k: v.frames for k, v in heartbeat.streams.items()} == {"lobby": 240, "stage": 275}
+    for stream, size in (("lobby", (1280, 720)), ("stage", (640, 360))):
+        with av.open(str(tmp_path / f"out-{stream}.mp4")) as container:
+            video = container.streams.video[0]
+            assert (video.width, video.height) == size
