@@ -19,8 +19,8 @@ from streamer.detect import (
     YuNetDetector,
     create_detector,
 )
-from streamer.errors import ModelError
 from streamer.detect.yunet import to_blob
+from streamer.errors import ModelError
 from streamer.models.registry import ModelRegistry
 from streamer.models.runtime import RuntimeOptions
 from streamer.types import Faces, LandmarkScheme

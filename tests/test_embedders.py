@@ -9,7 +9,13 @@ import numpy as np
 import pytest
 
 from streamer.errors import ConfigError, ModelError
-from streamer.infer.align import ARCFACE_112, DLIB_150, ChipTemplate, align_faces, estimate_transform
+from streamer.infer.align import (
+    ARCFACE_112,
+    DLIB_150,
+    ChipTemplate,
+    align_faces,
+    estimate_transform,
+)
 from streamer.infer.embedders import (
     ArcFaceEmbedder,
     DlibResNetEmbedder,

@@ -18,7 +18,15 @@ from rtsp_server import RtspServer, free_port, rtsp_server_unavailable
 
 from streamer.config import ReconnectSettings, SourceSettings
 from streamer.errors import SourceError
-from streamer.sources import PyAVSource, Source, StatusChange, WebcamSource, backoff_delays, open_source, parse_url
+from streamer.sources import (
+    PyAVSource,
+    Source,
+    StatusChange,
+    WebcamSource,
+    backoff_delays,
+    open_source,
+    parse_url,
+)
 
 CLIP_FRAMES = 275
 FAST = ReconnectSettings(initial_delay_s=0.2, max_delay_s=1.0, frame_timeout_s=2.0, open_timeout_s=3.0)

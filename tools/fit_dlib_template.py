@@ -35,7 +35,12 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from streamer.infer.align import ARCFACE_112, ChipTemplate, align_faces, estimate_transform  # noqa: E402
+from streamer.infer.align import (  # noqa: E402
+    ARCFACE_112,
+    ChipTemplate,
+    align_faces,
+    estimate_transform,
+)
 from streamer.types import Faces, LandmarkScheme  # noqa: E402
 
 log = logging.getLogger("fit_dlib_template")

@@ -204,7 +204,11 @@ class DlibResNetEmbedder(Embedder):
     """dlib's face recognition ResNet v1: raw 128-D descriptors, Euclidean distance, threshold from the file."""
 
     def __init__(self, model: OnnxModel, threshold: float | None = None) -> None:
-        from streamer.models.convert.dlib_resnet import META_MODEL, META_THRESHOLD, MODEL_ID
+        from streamer.models.convert.dlib_resnet import (
+            META_MODEL,
+            META_THRESHOLD,
+            MODEL_ID,
+        )
 
         meta = model.session.get_modelmeta().custom_metadata_map
         if meta.get(META_MODEL) != MODEL_ID or META_THRESHOLD not in meta:

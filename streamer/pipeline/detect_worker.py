@@ -10,7 +10,6 @@ per-track state is. Events go to the supervisor, which owns the public PUB socke
 from __future__ import annotations
 
 import logging
-import os
 import signal
 import sys
 import time
@@ -23,8 +22,10 @@ import zmq
 
 from streamer.config import Settings
 from streamer.errors import StreamerError
-from streamer.pipeline.transport import SocketDefaults, decode, encode, make_socket
 from streamer.infer.attributes import HEADS, attributes_from_arrays
+from streamer.pipeline.transport import SocketDefaults, decode, encode, make_socket
+from streamer.publish.annotate import FaceLabel
+from streamer.publish.output import AnnotatedOutput
 from streamer.types import Attributes, Faces, Frame
 
 log = logging.getLogger(__name__)
@@ -42,6 +43,17 @@ class TrackLabel:
     known: bool = False
     attributes: Attributes | None = None
 
+    def for_drawing(self, track: int) -> FaceLabel:
+        attributes = self.attributes or Attributes()
+        return FaceLabel(
+            track=track,
+            name=self.name,
+            age=attributes.age,
+            gender=attributes.gender.label if attributes.gender else None,
+            emotion=attributes.emotion.label if attributes.emotion else None,
+            known=self.known,
+        )
+
 
 @dataclass
 class StreamState:
@@ -51,7 +63,6 @@ class StreamState:
     gate: Any
     voter: Any
     smoother: Any
-    writer: Any = None
     labels: dict[int, TrackLabel] = field(default_factory=dict)
     live_tracks: set[int] = field(default_factory=set)
     last_update_emit: dict[int, float] = field(default_factory=dict)
@@ -108,9 +119,7 @@ class DetectWorker:
             self.context, zmq.DEALER, hwm=SocketDefaults.REQUEST_HWM, connect=inference_endpoint
         )
         self.events = make_socket(self.context, zmq.PUSH, hwm=SocketDefaults.EVENT_HWM, connect=events_endpoint)
-        self.preview = settings.output.preview and display_available()
-        if settings.output.preview and not self.preview:
-            log.warning("output.preview: no display here (DISPLAY/WAYLAND_DISPLAY unset); running without a window")
+        self.output = AnnotatedOutput(settings.output, len(settings.sources))
         self.pending: dict[int, float] = {}  # request id -> sent at
         self.pending_crops: dict[int, list[bytes]] = {}  # request id -> JPEG per face (crops enabled only)
         self.next_request = 1
@@ -193,8 +202,7 @@ class DetectWorker:
     def _close(self) -> None:
         for stream in self.streams:
             stream.source.stop()
-            if stream.writer is not None:
-                stream.writer.close()
+        self.output.close()
         self.detector.close()
         if self.gallery is not None:
             self.gallery.close()
@@ -224,8 +232,12 @@ class DetectWorker:
             if len(rows):
                 self._request_inference(stream, frame, faces[rows])
             stream.last_detections, stream.last_tracked = detections, faces
-        if (self.settings.output.path is not None or self.preview) and stream.last_detections is not None:
-            self._write_output(stream, frame, stream.last_detections, stream.last_tracked)
+        if self.output.active and stream.last_detections is not None:
+            labels = {track: label.for_drawing(track) for track, label in stream.labels.items()}
+            if not self.output.render(
+                stream.id, frame, stream.last_detections, stream.last_tracked, labels, stream.source.frame_rate
+            ):
+                self.running = False  # the viewer closed the preview
         self._count_fps(stream)
 
     def _maybe_track_updates(self, stream: StreamState, frame: Frame, faces: Faces) -> None:
@@ -395,49 +407,6 @@ class DetectWorker:
                 )
 
     # -- output ----------------------------------------------------------------------------------------------
-    def _write_output(self, stream: StreamState, frame: Frame, detections: Faces, tracked: Faces) -> None:
-        from streamer.publish.annotate import FaceLabel, draw_faces
-        from streamer.track.bytetrack import box_iou
-
-        if stream.writer is None and self.settings.output.path is not None:
-            from streamer.publish.video import VideoWriter
-
-            path = Path(self.settings.output.path)
-            if len(self.settings.sources) > 1:
-                path = path.with_name(f"{path.stem}-{stream.id}{path.suffix}")
-            fps = stream.source.frame_rate or 30.0
-            stream.writer = VideoWriter(path, fps, frame.width, frame.height)
-        labels: list[FaceLabel] = []
-        # Every detection is drawn (and blurred unless known), tracked or not: an untracked face is
-        # never exposed just because its track is not confirmed yet.
-        iou = box_iou(detections.boxes, tracked.boxes) if len(tracked) and len(detections) else None
-        for row in range(len(detections)):
-            track, label = -1, TrackLabel()
-            if iou is not None and iou[row].max() > 0.9:
-                track = int(tracked.track_ids[int(iou[row].argmax())])
-                label = stream.labels.get(track, TrackLabel())
-            attrs = label.attributes or Attributes()
-            labels.append(
-                FaceLabel(
-                    track=track,
-                    name=label.name,
-                    age=attrs.age,
-                    gender=attrs.gender.label if attrs.gender else None,
-                    emotion=attrs.emotion.label if attrs.emotion else None,
-                    known=label.known,
-                )
-            )
-        blur = np.array([not lab.known for lab in labels], bool) if self.settings.output.blur_unknown else None
-        annotated = draw_faces(frame.image, detections.boxes, labels, blur)
-        if stream.writer is not None:
-            stream.writer.write(annotated)
-        if self.preview:
-            import cv2
-
-            cv2.imshow(f"streamer {stream.id}", annotated)
-            if cv2.waitKey(1) & 0xFF in (ord("q"), 27):  # q or Esc in the window stops the run
-                self.running = False
-
     # -- events -------------------------------------------------------------------------------------------------
     def _emit(self, kind: str, stream: StreamState, frame: Frame | None, **fields: Any) -> None:
         at_frame = fields.pop("at_frame", None)
@@ -511,13 +480,6 @@ def _head_spec(name: str):
     from streamer.infer.attributes import prepare_function
 
     return prepare_function(name)
-
-
-def display_available() -> bool:
-    """cv2.imshow aborts the whole process (Qt, SIGABRT) without a display, so ask before opening one."""
-    if sys.platform.startswith("linux"):
-        return bool(os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY"))
-    return True
 
 
 def _jpeg_crop(image: np.ndarray, box: np.ndarray, margin: float = 0.2) -> bytes:

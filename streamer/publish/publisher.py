@@ -22,7 +22,7 @@ import numpy as np
 import zmq
 
 from streamer.errors import ConfigError
-from streamer.publish.events import Event, Identity, WireMessage, FaceEvent
+from streamer.publish.events import Event, FaceEvent, Identity, WireMessage
 
 log = logging.getLogger(__name__)
 

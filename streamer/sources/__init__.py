@@ -18,7 +18,13 @@ from urllib.parse import unquote, urlparse
 
 from streamer.config import ReconnectSettings, SourceSettings
 from streamer.errors import SourceError
-from streamer.sources.base import Source, SourceStats, StatusChange, ThreadedSource, backoff_delays
+from streamer.sources.base import (
+    Source,
+    SourceStats,
+    StatusChange,
+    ThreadedSource,
+    backoff_delays,
+)
 from streamer.sources.pyav import PyAVSource
 from streamer.sources.webcam import WebcamSource
 
