@@ -77,22 +77,9 @@ class BlazeFaceDetector(Detector):
     name = "blazeface"
     scheme = LandmarkScheme.FOUR
 
-    def __init__(
-        self,
-        model_path: Path,
-        *,
-        score_threshold: float = 0.6,
-        nms_threshold: float = 0.3,
-        max_side: int = 640,
-        min_face: int = 20,
-    ) -> None:
-        super().__init__(
-            model_path,
-            score_threshold=score_threshold,
-            nms_threshold=nms_threshold,
-            max_side=max_side,
-            min_face=min_face,
-        )
+    def __init__(self, model_path: Path, **options: Any) -> None:
+        """`options`: the `Detector` ones (score_threshold, nms_threshold, max_side, min_face)."""
+        super().__init__(model_path, **options)
         # Imported here so that importing streamer.detect does not load MediaPipe's native library.
         import mediapipe as mp
         from mediapipe.tasks.python import BaseOptions, vision

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Hashable
 from pathlib import Path
+from typing import Any
 
 import cv2
 import numpy as np
@@ -51,24 +52,10 @@ class SCRFDDetector(Detector):
     name = "scrfd"
     scheme = LandmarkScheme.FIVE
 
-    def __init__(
-        self,
-        model_path: Path,
-        *,
-        score_threshold: float = 0.6,
-        nms_threshold: float = 0.3,
-        max_side: int = 640,
-        min_face: int = 20,
-        runtime: RuntimeOptions = RuntimeOptions(),
-    ) -> None:
-        super().__init__(
-            model_path,
-            score_threshold=score_threshold,
-            nms_threshold=nms_threshold,
-            max_side=max_side,
-            min_face=min_face,
-        )
-        self.model = OnnxModel(self.model_path, runtime, name=self.name)
+    def __init__(self, model_path: Path, *, runtime: RuntimeOptions | None = None, **options: Any) -> None:
+        """`options`: the `Detector` ones (score_threshold, nms_threshold, max_side, min_face)."""
+        super().__init__(model_path, **options)
+        self.model = OnnxModel(self.model_path, runtime or RuntimeOptions(), name=self.name)
         self.model.check_input((3, _ALIGN, _ALIGN))
         self._anchors: SizeCache[dict[int, np.ndarray]] = SizeCache(self._build_anchors)
         # Fail now, naming the file, if its outputs are not the 3 strides x (score, box, keypoints).

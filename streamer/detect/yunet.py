@@ -13,7 +13,7 @@ from collections.abc import Hashable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, get_args
+from typing import Any, Literal, get_args
 
 import cv2
 import numpy as np
@@ -107,20 +107,12 @@ class YuNetDetector(Detector):
         self,
         model_path: Path,
         *,
-        score_threshold: float = 0.6,
-        nms_threshold: float = 0.3,
-        max_side: int = 640,
-        min_face: int = 20,
         backend: Backend = "onnxruntime",
         runtime: RuntimeOptions | None = None,
+        **options: Any,
     ) -> None:
-        super().__init__(
-            model_path,
-            score_threshold=score_threshold,
-            nms_threshold=nms_threshold,
-            max_side=max_side,
-            min_face=min_face,
-        )
+        """`options`: the `Detector` ones (score_threshold, nms_threshold, max_side, min_face)."""
+        super().__init__(model_path, **options)
         if backend not in get_args(Backend):
             raise ValueError(f"yunet: backend must be one of {get_args(Backend)}, got {backend!r}")
         if runtime is not None and backend == "opencv":
