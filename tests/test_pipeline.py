@@ -359,3 +359,32 @@ def test_several_streams_in_one_run(env, lin_gallery, media_dir, tmp_path):
         with av.open(str(tmp_path / f"out-{stream}.mp4")) as container:
             video = container.streams.video[0]
             assert (video.width, video.height) == size
+
+
+def test_gallery_changes_apply_to_a_running_stream(env, tmp_path, model_dir, cache_dir):
+    """Enroll while running: the person gets named. Remove them: new tracks are unknown again."""
+    from streamer.config import load_settings
+    from streamer.engine import FaceEngine
+    from streamer.match.gallery import Gallery
+
+    gallery_path = tmp_path / "live.db"
+    Gallery(gallery_path).close()
+    config = tmp_path / "loop.yaml"
+    config.write_text(f"sources:\n  - url: {SAMPLE}\n    id: loop\n    loop: true\n    live: true\n")
+    run = Run(["--config", str(config), "--gallery", str(gallery_path)], {**env, "STREAMER_RECOGNITION__REFRESH_S": "0.5"})
+    run.wait_for(lambda e: e.kind == "identity" and e.name is None, 120, "an unknown face before enrolment")
+    settings = load_settings(overrides={"model_dir": str(model_dir), "models": {"cache_dir": str(cache_dir)}})
+    with FaceEngine(settings) as engine, Gallery(gallery_path, create=False) as gallery:
+        engine.enroll(gallery, "Eileen Collins", [SAMPLE_STILL])
+    run.wait_for(lambda e: e.kind == "identity" and e.name == "Eileen Collins", 60, "her name after enrolment")
+    with Gallery(gallery_path, create=False) as gallery:
+        gallery.remove("Eileen Collins")
+    started_after_removal = set()
+
+    def unknown_on_a_new_track(event) -> bool:
+        if event.kind == "track.started":
+            started_after_removal.add(event.track)
+        return event.kind == "identity" and event.track in started_after_removal and event.name is None
+
+    run.wait_for(unknown_on_a_new_track, 90, "an unknown identity on a track started after the removal")
+    assert run.stop() == 0
