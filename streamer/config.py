@@ -92,6 +92,10 @@ class ReconnectSettings(_Section):
     max_delay_s: float = Field(10.0, gt=0)
     frame_timeout_s: float = Field(3.0, gt=0, description="a live source with no new frame this long is lost")
     open_timeout_s: float = Field(5.0, gt=0)
+    # At start-up, when not one source can be opened, the likeliest cause is a wrong address: exit with
+    # one line saying so. A source that connected once, or one of several while others work, is retried
+    # forever. False retries forever from the start (a service that may boot before its cameras).
+    exit_if_none_connect: bool = True
 
 
 class TrackerSettings(_Section):

@@ -388,3 +388,22 @@ def test_gallery_changes_apply_to_a_running_stream(env, tmp_path, model_dir, cac
 
     run.wait_for(unknown_on_a_new_track, 90, "an unknown identity on a track started after the removal")
     assert run.stop() == 0
+
+
+def test_unreachable_camera_at_start(env):
+    with socket.socket() as probe:  # a port nobody listens on
+        probe.bind(("127.0.0.1", 0))
+        url = f"rtsp://127.0.0.1:{probe.getsockname()[1]}/stream"
+    result = subprocess.run([sys.executable, "-m", "streamer", "run", url, "-q", "--publish", free_endpoint()],
+                            capture_output=True, text=True, env=env, timeout=120)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "cannot connect to any source" in lines[0] and url in lines[0], result.stderr
+    # A service that may start before its cameras keeps retrying instead, and says so.
+    run = Run([url], {**env, "STREAMER_RECONNECT__EXIT_IF_NONE_CONNECT": "false"})
+    lost = run.wait_for(lambda e: e.kind == "stream.status", 60, "the first status")
+    assert lost.status == "lost" and "open failed" in lost.detail
+    run.pump(2.0)
+    assert run.process.poll() is None, "it must keep retrying"
+    assert run.stop(signal.SIGTERM) == 0
+    assert "retrying" in run.stderr

@@ -21,7 +21,7 @@ import numpy as np
 import zmq
 
 from streamer.config import Settings
-from streamer.errors import StreamerError
+from streamer.errors import SourceError, StreamerError
 from streamer.infer.attributes import HEADS, attributes_from_arrays
 from streamer.pipeline.transport import SocketDefaults, decode, encode, make_socket
 from streamer.publish.annotate import FaceLabel
@@ -74,6 +74,9 @@ class StreamState:
     last_detections: Faces | None = None
     last_tracked: Faces | None = None
     ended: bool = False
+    connected_once: bool = False
+    first_failure: str | None = None  # why the very first connection attempt failed
+    warned_unreachable: bool = False
     last_frame: Frame | None = None
 
 
@@ -188,6 +191,22 @@ class DetectWorker:
             self._maybe_heartbeat()
             if all(s.ended for s in self.streams):
                 break
+            self._check_reachable()
+
+    def _check_reachable(self) -> None:
+        unreachable = [s for s in self.streams if s.first_failure is not None and not s.connected_once]
+        exiting = self.settings.reconnect.exit_if_none_connect and len(unreachable) == len(self.streams)
+        for stream in unreachable:
+            if not exiting and not stream.warned_unreachable:
+                stream.warned_unreachable = True
+                log.warning("source %s: cannot connect to %s (%s); retrying", stream.id, stream.source.url,
+                            stream.first_failure)
+        if exiting and self.streams:
+            reasons = "; ".join(f"{s.id} ({s.source.url}): {s.first_failure}" for s in unreachable)
+            raise SourceError(
+                f"cannot connect to any source: {reasons} "
+                "(set reconnect.exit_if_none_connect=false to keep retrying)"
+            )
 
     def _drain(self) -> None:
         """Wait for in-flight inference, then end every track and stream cleanly."""
@@ -288,6 +307,10 @@ class DetectWorker:
             self._emit_raw(
                 {"kind": "stream.status", "stream": stream.id, "status": change.status, "detail": change.detail}
             )
+            if change.status in ("connected", "reconnected"):
+                stream.connected_once = True
+            elif change.status == "lost" and not stream.connected_once and stream.first_failure is None:
+                stream.first_failure = change.detail
             if change.status == "lost":
                 # A reconnect restarts the stream clock; coasting tracks would never match again.
                 for info in stream.tracker.flush():

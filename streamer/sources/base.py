@@ -442,7 +442,9 @@ class ThreadedSource(Source, Generic[H]):
 
     def _emit(self, status: Status, detail: str) -> None:
         change = StatusChange(self.id, status, detail, time.time())
-        level = logging.WARNING if status == "lost" else logging.INFO
+        # Losing a source that worked is news; a first connection that fails is the consumer's to report
+        # (the pipeline exits on it, or warns once while other sources work).
+        level = logging.WARNING if status == "lost" and self._ever_connected else logging.INFO
         log.log(level, "source %s %s: %s", self.id, status, detail)
         with self._lock:
             self._events.append(change)
