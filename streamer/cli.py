@@ -17,6 +17,7 @@ from typing import Any
 import orjson
 
 from streamer.errors import GalleryError, InputError, NoFaceError, StreamerError
+from streamer.types import rounded_box
 
 log = logging.getLogger("streamer")
 
@@ -25,23 +26,6 @@ log = logging.getLogger("streamer")
 def _emit(obj: Any) -> None:
     sys.stdout.write(orjson.dumps(obj, option=orjson.OPT_SERIALIZE_NUMPY).decode() + "\n")
     sys.stdout.flush()
-
-
-def _attributes_json(attributes) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    if attributes.age is not None:
-        out["age"] = round(float(attributes.age), 1)
-    if attributes.gender is not None:
-        out["gender"] = {
-            "label": attributes.gender.label,
-            "probability": round(float(attributes.gender.probability), 4),
-        }
-    if attributes.emotion is not None:
-        out["emotion"] = {
-            "label": attributes.emotion.label,
-            "scores": {k: round(float(v), 4) for k, v in attributes.emotion.scores.items()},
-        }
-    return out
 
 
 # -- settings -----------------------------------------------------------------------------------------
@@ -92,7 +76,7 @@ def cmd_detect(args: argparse.Namespace) -> int:
         faces = engine.detect(args.image)
         rows = [
             {
-                "box": [round(float(v), 1) for v in faces.boxes[i]],
+                "box": rounded_box(faces.boxes[i]),
                 "score": round(float(faces.scores[i]), 4),
                 "landmarks": [[round(float(x), 1), round(float(y), 1)] for x, y in faces.landmarks[i]],
             }
@@ -112,7 +96,7 @@ def cmd_represent(args: argparse.Namespace) -> int:
         faces, embeddings = engine.represent(args.image)
         rows = [
             {
-                "box": [round(float(v), 1) for v in faces.boxes[i]],
+                "box": rounded_box(faces.boxes[i]),
                 "score": round(float(faces.scores[i]), 4),
                 "model": engine.embedder.spec.id,
                 "embedding": [float(v) for v in embeddings[i]],
@@ -194,7 +178,10 @@ def _verify_pairs(args: argparse.Namespace) -> int:
 def cmd_analyze(args: argparse.Namespace) -> int:
     with _engine(args) as engine:
         faces = engine.analyze(args.image)
-    rows = [{"box": list(f.box), "score": f.score, **_attributes_json(f.attributes)} for f in faces]
+    rows = [
+        {"box": list(f.box), "score": f.score, **{k: v for k, v in f.attributes.as_dict().items() if v is not None}}
+        for f in faces
+    ]
     if args.json:
         _emit(rows)
     else:

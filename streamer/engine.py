@@ -19,7 +19,7 @@ from streamer.config import Settings, load_settings
 from streamer.errors import GalleryError, InputError, NoFaceError
 from streamer.models.registry import ModelRegistry
 from streamer.models.runtime import RuntimeOptions
-from streamer.types import Attributes, Faces
+from streamer.types import Attributes, Faces, rounded_box
 
 log = logging.getLogger(__name__)
 
@@ -91,7 +91,7 @@ class FoundFace:
 
 
 def _box(row: np.ndarray) -> tuple[float, float, float, float]:
-    return tuple(round(float(v), 1) for v in row)  # type: ignore[return-value]
+    return tuple(rounded_box(row))  # type: ignore[return-value]
 
 
 class FaceEngine:

@@ -6,6 +6,7 @@ landmarks, track ids). Records are frozen; stages return new ones instead of mut
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 from enum import Enum
 from typing import Any
@@ -26,6 +27,11 @@ class LandmarkScheme(str, Enum):
     @property
     def num_points(self) -> int:
         return 5 if self is LandmarkScheme.FIVE else 4
+
+
+def rounded_box(row: Iterable[float]) -> list[float]:
+    """A box as JSON-ready [x1, y1, x2, y2], to a tenth of a pixel."""
+    return [round(float(v), 1) for v in row]
 
 
 def _check(name: str, array: np.ndarray, shape: tuple[int | None, ...]) -> None:
@@ -168,3 +174,15 @@ class Attributes:
     age: float | None = None
     gender: Gender | None = None
     emotion: Emotion | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON-ready, rounded; None where not estimated (the wire format of attributes events)."""
+        return {
+            "age": None if self.age is None else round(float(self.age), 1),
+            "gender": None
+            if self.gender is None
+            else {"label": self.gender.label, "probability": round(float(self.gender.probability), 4)},
+            "emotion": None
+            if self.emotion is None
+            else {"label": self.emotion.label, "scores": {k: round(float(v), 4) for k, v in self.emotion.scores.items()}},
+        }

@@ -12,7 +12,6 @@
 
 from __future__ import annotations
 
-import socket
 import time
 from typing import Any
 
@@ -21,12 +20,6 @@ import numpy as np
 
 from streamer.config import Settings
 from streamer.errors import InputError
-
-
-def _free_tcp_endpoint() -> str:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return f"tcp://127.0.0.1:{probe.getsockname()[1]}"
 
 
 def decode_frames(path: str, max_frames: int | None = None) -> tuple[int, float]:
@@ -87,7 +80,7 @@ def pipeline_run(settings: Settings, path: str, *, live: bool) -> dict[str, Any]
         **{
             **settings.model_dump(mode="json"),
             "sources": [source],
-            "publish": {**settings.publish.model_dump(mode="json"), "endpoint": _free_tcp_endpoint()},
+            "publish": {**settings.publish.model_dump(mode="json"), "endpoint": "tcp://127.0.0.1:*"},
             "output": {"path": None},
         }
     )

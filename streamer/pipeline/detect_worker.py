@@ -17,16 +17,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import cv2
 import numpy as np
+import orjson
 import zmq
 
 from streamer.config import Settings
 from streamer.errors import SourceError, StreamerError
-from streamer.infer.attributes import HEADS, attributes_from_arrays
+from streamer.infer.attributes import HEADS, attributes_from_arrays, prepare_function
 from streamer.pipeline.transport import SocketDefaults, decode, encode, make_socket
 from streamer.publish.annotate import FaceLabel
 from streamer.publish.output import AnnotatedOutput
-from streamer.types import Attributes, Faces, Frame
+from streamer.types import Attributes, Faces, Frame, rounded_box
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +94,6 @@ class DetectWorker:
     ) -> None:
         from streamer.detect import create_detector
         from streamer.engine import FaceEngine
-        from streamer.infer.attributes import create_attribute_head  # noqa: F401  (import errors surface early)
         from streamer.infer.embedders import embedder_spec
 
         self.settings = settings
@@ -105,9 +106,8 @@ class DetectWorker:
         )
         self.detector = create_detector(detector_settings, engine.registry)
         self.detector.detect(np.zeros((720, 1280, 3), np.uint8))  # first-run setup now, not on frame 1
-        self.embedder_spec = embedder_spec(settings.embedder.name, engine.registry)
-        self.threshold = settings.embedder.threshold or self.embedder_spec.threshold
-        self.head_specs = {name: _head_spec(name) for name in settings.attributes.enabled}
+        self.embedder_spec = embedder_spec(settings.embedder.name, engine.registry, settings.embedder.threshold)
+        self.head_specs = {name: prepare_function(name) for name in settings.attributes.enabled}
         self.gallery = None
         self.matcher = None
         if settings.gallery.path is not None:
@@ -115,7 +115,7 @@ class DetectWorker:
             from streamer.match.matcher import Matcher
 
             self.gallery = Gallery(Path(settings.gallery.path), create=False, readonly=True)
-            self.matcher = Matcher(self.gallery, self.embedder_spec.id, self.embedder_spec.metric, self.threshold)
+            self.matcher = Matcher(self.gallery, self.embedder_spec.id, self.embedder_spec.metric, self.embedder_spec.threshold)
 
         self.context = context or zmq.Context.instance()
         self.requests = make_socket(
@@ -242,7 +242,7 @@ class DetectWorker:
             update = stream.tracker.update(detections, frame.index, frame.pts)
             for info in update.started:
                 stream.live_tracks.add(info.track_id)
-                self._emit("track.started", stream, frame, track=info.track_id, box=_box(info.box))
+                self._emit("track.started", stream, frame, track=info.track_id, box=rounded_box(info.box))
             for info in update.ended:
                 self._end_track(stream, info, frame)
             faces = update.faces
@@ -270,7 +270,7 @@ class DetectWorker:
                 stream.last_update_emit[track] = frame.pts  # started just now; no update yet
             elif frame.pts - last >= interval:
                 stream.last_update_emit[track] = frame.pts
-                self._emit("track.updated", stream, frame, track=track, box=_box(faces.boxes[row]))
+                self._emit("track.updated", stream, frame, track=track, box=rounded_box(faces.boxes[row]))
 
     def _end_track(self, stream: StreamState, info: Any, frame: Frame | None) -> None:
         self._emit(
@@ -278,7 +278,7 @@ class DetectWorker:
             stream,
             frame,
             track=info.track_id,
-            box=_box(info.box),
+            box=rounded_box(info.box),
             duration=max(0.0, float(info.duration_s)),
             frames=int(info.frames_seen),
             at_frame=info.last_frame,
@@ -331,7 +331,7 @@ class DetectWorker:
             "pts": frame.pts,
             "decoded_at": frame.decoded_at,
             "tracks": faces.track_ids.tolist(),
-            "boxes": [_box(b) for b in faces.boxes],
+            "boxes": [rounded_box(b) for b in faces.boxes],
         }
         # Live sources must never stall on inference; files wait (backpressure) so no face is skipped.
         flags = zmq.NOBLOCK if stream.source.live else 0
@@ -425,15 +425,22 @@ class DetectWorker:
                 smoothed = stream.smoother.add(track, attributes[row])
                 label.attributes = smoothed
                 self._emit_raw(
-                    {"kind": "attributes", "stream": stream.id, **fields, **_attributes_fields(smoothed)},
+                    {"kind": "attributes", "stream": stream.id, **fields, **smoothed.as_dict()},
                     decoded_at=header["decoded_at"],
                 )
 
     # -- output ----------------------------------------------------------------------------------------------
     # -- events -------------------------------------------------------------------------------------------------
-    def _emit(self, kind: str, stream: StreamState, frame: Frame | None, **fields: Any) -> None:
-        at_frame = fields.pop("at_frame", None)
-        at_pts = fields.pop("at_pts", None)
+    def _emit(
+        self,
+        kind: str,
+        stream: StreamState,
+        frame: Frame | None,
+        *,
+        at_frame: int | None = None,  # when the event is about an earlier frame (a track's last sighting)
+        at_pts: float | None = None,
+        **fields: Any,
+    ) -> None:
         payload = {
             "kind": kind,
             "stream": stream.id,
@@ -444,8 +451,6 @@ class DetectWorker:
         self._emit_raw(payload, decoded_at=frame.decoded_at if frame is not None else None)
 
     def _emit_raw(self, payload: dict[str, Any], decoded_at: float | None = None, crop: bytes | None = None) -> None:
-        import orjson
-
         if decoded_at is not None:
             payload["_decoded_at"] = decoded_at
         frames = [orjson.dumps(payload)] if crop is None else [orjson.dumps(payload), crop]
@@ -499,15 +504,7 @@ class DetectWorker:
         )
 
 
-def _head_spec(name: str):
-    from streamer.infer.attributes import prepare_function
-
-    return prepare_function(name)
-
-
 def _jpeg_crop(image: np.ndarray, box: np.ndarray, margin: float = 0.2) -> bytes:
-    import cv2
-
     x1, y1, x2, y2 = box
     mx, my = (x2 - x1) * margin, (y2 - y1) * margin
     h, w = image.shape[:2]
@@ -517,27 +514,8 @@ def _jpeg_crop(image: np.ndarray, box: np.ndarray, margin: float = 0.2) -> bytes
     return cv2.imencode(".jpg", crop, [cv2.IMWRITE_JPEG_QUALITY, 85])[1].tobytes()
 
 
-def _box(row) -> list[float]:
-    return [round(float(v), 1) for v in row]
-
-
 def _finite(value: float) -> float | None:
     return round(float(value), 6) if np.isfinite(value) else None
-
-
-def _attributes_fields(attributes: Attributes) -> dict[str, Any]:
-    return {
-        "age": None if attributes.age is None else round(float(attributes.age), 1),
-        "gender": None
-        if attributes.gender is None
-        else {"label": attributes.gender.label, "probability": round(float(attributes.gender.probability), 4)},
-        "emotion": None
-        if attributes.emotion is None
-        else {
-            "label": attributes.emotion.label,
-            "scores": {k: round(float(v), 4) for k, v in attributes.emotion.scores.items()},
-        },
-    }
 
 
 def detect_main(
@@ -562,8 +540,6 @@ def detect_main(
 
 
 def _report_fatal(events_endpoint: str, message: str) -> None:
-    import orjson
-
     socket = make_socket(zmq.Context.instance(), zmq.PUSH, hwm=10, connect=events_endpoint)
     socket.send(orjson.dumps({"kind": "_fatal", "message": message}))
     socket.close(linger=2000)

@@ -31,7 +31,7 @@ class InferenceModels:
         engine = FaceEngine(settings)
         self.embedder = engine.embedder
         self.heads = {name: engine.head(name) for name in settings.attributes.enabled}
-        self.device = self.embedder.model.device if hasattr(self.embedder, "model") else "cpu"
+        self.device = self.embedder.model.device
         self._warm_up()
 
     def _warm_up(self) -> None:
