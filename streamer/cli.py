@@ -354,24 +354,72 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_inference_worker(args: argparse.Namespace) -> int:
     """A standalone inference worker (e.g. on a GPU host) that `streamer run` hosts reach through
-    `inference.endpoint`; it serves any number of them until SIGINT/SIGTERM."""
+    `inference.endpoint`; it serves any number of them until SIGINT/SIGTERM. It listens on loopback
+    unless told otherwise, and beyond loopback only with CURVE keys (`streamer keys generate`)."""
     import signal
 
     from streamer.pipeline.inference_worker import InferenceWorker
+    from streamer.sockets import ServerKeys
 
-    settings = _settings(args)
-    worker = InferenceWorker(settings, args.bind)
+    extra: dict[str, Any] = {}
+    if args.bind:
+        extra["bind"] = args.bind
+    if args.keys:
+        extra["keys"] = args.keys
+    settings = _settings(args, {"inference": extra} if extra else None)
+    inference = settings.inference
+    keys = ServerKeys.load(inference.keys, "inference.keys") if inference.keys else None
+    worker = InferenceWorker(settings, inference.bind, keys=keys, setting="inference.bind")
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, worker.stop)
-    print(f"inference worker on {args.bind} ({worker.models.device})", file=sys.stderr)
+    secured = "CURVE, listed clients only" if keys else "loopback only"
+    print(f"inference worker on {worker.endpoint} ({worker.models.device}, {secured})", file=sys.stderr)
     worker.serve()
     return 0
 
 
 def cmd_subscribe(args: argparse.Namespace) -> int:
     from streamer.publish.subscriber import print_events
+    from streamer.sockets import ClientKeys, is_loopback
 
-    print_events(args.endpoint, args.topic or [""], count=args.count, timeout=args.timeout)
+    if (args.server_key is None) != (args.client_key is None):
+        given, missing = ("--server-key", "--client-key")
+        if args.server_key is None:
+            given, missing = missing, given
+        raise InputError(
+            f"subscribe: {given} needs {missing} too (both come from `streamer keys generate` on the publisher)"
+        )
+    keys = None
+    if args.server_key is not None:
+        keys = ClientKeys.load(
+            args.client_key, args.server_key, secret_setting="--client-key", server_setting="--server-key"
+        )
+    elif not is_loopback(args.endpoint):
+        log.warning("%s is not on this machine: a streamer publisher there lets in only CURVE clients "
+                    "(--server-key and --client-key)", args.endpoint)
+    print_events(args.endpoint, args.topic or [""], count=args.count, timeout=args.timeout, keys=keys)
+    return 0
+
+
+def cmd_keys(args: argparse.Namespace) -> int:
+    """`streamer keys generate DIR`: CURVE keys for the event socket or a remote inference worker."""
+    from streamer.sockets import PUBLIC_SUFFIX, SECRET_SUFFIX, generate_keys
+
+    directory = Path(args.directory).expanduser()
+    written = generate_keys(directory, args.client or ["client"])
+    for path in written:
+        is_server = path.parent == directory
+        if is_server and path.name.endswith(SECRET_SUFFIX):
+            where = "server secret: keep it on this host, never copy it"
+        elif is_server:
+            where = "server public key: copy to every client (--server-key, inference.server_key)"
+        elif path.name.endswith(PUBLIC_SUFFIX):
+            where = "allow-list entry: leave it here (delete it to lock that client out, then restart)"
+        else:
+            where = "client secret: move it to that client host (--client-key, inference.client_key)"
+        print(f"{path}\t{where}")
+    print(f"point the server at the folder: publish.keys: {directory} (streamer run) "
+          f"or --keys {directory} (streamer inference-worker)")
     return 0
 
 
@@ -427,7 +475,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "inference-worker", parents=[common], help="serve batched inference to `streamer run` hosts over tcp"
     )
-    p.add_argument("--bind", default="tcp://0.0.0.0:5560", help="endpoint to bind (default tcp://0.0.0.0:5560)")
+    p.add_argument("--bind", help="endpoint to listen on (setting inference.bind, default tcp://127.0.0.1:5560); "
+                   "beyond loopback it needs --keys")
+    p.add_argument("--keys", help="keys folder from `streamer keys generate` (setting inference.keys): CURVE "
+                   "encryption, only clients listed in its clients/ folder get in")
     p.set_defaults(func=cmd_inference_worker)
 
     p = sub.add_parser("subscribe", help="print events published by `streamer run`")
@@ -435,8 +486,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--topic", action="append", help="topic prefix, e.g. identity. or identity.cam1 (repeatable)")
     p.add_argument("--count", type=int, help="stop after this many events")
     p.add_argument("--timeout", type=float, help="stop after this many seconds without an event")
+    p.add_argument("--server-key", metavar="FILE", help="the publisher's public key (server.key): CURVE")
+    p.add_argument("--client-key", metavar="FILE", help="this client's secret key (clients/NAME.key_secret)")
     p.add_argument("-v", "--verbose", action="count", default=0)
     p.set_defaults(func=cmd_subscribe)
+
+    p = sub.add_parser("keys", help="CURVE keys for the event socket and remote inference workers")
+    ksub = p.add_subparsers(dest="keys_command", required=True, metavar="ACTION")
+    k = ksub.add_parser("generate", help="a server key pair and client key pairs, never overwriting")
+    k.add_argument("directory", metavar="DIR", help="keys folder (created); clients go to DIR/clients")
+    k.add_argument("--client", action="append", metavar="NAME", help="a client key pair (repeatable; default: client)")
+    k.add_argument("-v", "--verbose", action="count", default=0)
+    p.set_defaults(func=cmd_keys)
 
     p = sub.add_parser("events", help="event format")
     p.add_argument("events_command", choices=["schema"], help="schema: print the JSON Schema of every event")

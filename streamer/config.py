@@ -129,10 +129,80 @@ class RecognitionSettings(_Section):
 class InferenceSettings(_Section):
     max_batch: int = Field(32, ge=1, le=1024)
     max_wait_ms: float = Field(10.0, ge=0)
-    endpoint: str | None = None  # tcp://host:port to use a remote inference worker; None = local ipc
+    # Client side (`streamer run` using a remote `streamer inference-worker`). The two key files come from
+    # `streamer keys generate` on the worker host; declared before `endpoint`, whose check needs them.
+    server_key: Path | None = None  # the worker's public key file (DIR/server.key)
+    client_key: Path | None = Field(None, validate_default=True)  # this host's secret key (DIR/clients/NAME.key_secret)
+    endpoint: str | None = None  # tcp://HOST:PORT or ipc://PATH of a remote inference worker; None = a local one
+    # Server side (`streamer inference-worker`): where it listens, and its keys folder, required beyond loopback.
+    keys: Path | None = None
+    bind: str = "tcp://127.0.0.1:5560"
+
+    @staticmethod
+    def _check_address(value: str, bind: bool) -> None:
+        import re
+
+        host = r"\*|[A-Za-z0-9_.-]+|\[[0-9A-Fa-f:.]+\]" if bind else r"[A-Za-z0-9_.-]+|\[[0-9A-Fa-f:.]+\]"
+        port = r"\*|\d{1,5}" if bind else r"\d{1,5}"
+        match = re.fullmatch(rf"tcp://(?:{host}):({port})", value)
+        if match and (match.group(1) == "*" or 1 <= int(match.group(1)) <= 65535):
+            return
+        if value.startswith("ipc://") and len(value) > len("ipc://"):
+            return
+        raise ValueError(f"expected tcp://HOST:PORT with a port 1-65535{' (or *)' if bind else ''}, or ipc://PATH")
+
+    @field_validator("server_key", "keys")
+    @classmethod
+    def _expand_user(cls, value: Path | None) -> Path | None:
+        return None if value is None else value.expanduser()
+
+    @field_validator("client_key")
+    @classmethod
+    def _key_pair(cls, value: Path | None, info: Any) -> Path | None:
+        value = None if value is None else value.expanduser()
+        if "server_key" in info.data and (info.data["server_key"] is None) != (value is None):
+            if value is None:
+                raise ValueError(
+                    "inference.server_key is set, so this must be too: this host's secret key file "
+                    "(clients/NAME.key_secret from `streamer keys generate`)"
+                )
+            raise ValueError(
+                "needs inference.server_key too: the worker's public key file "
+                "(server.key from `streamer keys generate`)"
+            )
+        return value
+
+    @field_validator("endpoint")
+    @classmethod
+    def _endpoint_form(cls, value: str | None, info: Any) -> str | None:
+        from streamer.sockets import is_loopback
+
+        if value is None:
+            return None
+        cls._check_address(value, bind=False)
+        keys_known = {"server_key", "client_key"} <= info.data.keys()
+        if keys_known and info.data["client_key"] is None and not is_loopback(value):
+            raise ValueError(
+                f"{value} is beyond this machine, so the link needs CURVE keys: set inference.server_key and "
+                "inference.client_key (make them on the worker host with `streamer keys generate DIR`)"
+            )
+        return value
+
+    @field_validator("bind")
+    @classmethod
+    def _bind_form(cls, value: str, info: Any) -> str:
+        from streamer.sockets import is_loopback, needs_keys_message
+
+        cls._check_address(value, bind=True)
+        if "keys" in info.data and info.data["keys"] is None and not is_loopback(value):
+            raise ValueError(needs_keys_message(value, "inference.keys"))
+        return value
 
 
 class PublishSettings(_Section):
+    # A keys folder from `streamer keys generate`, required when `endpoint` listens beyond loopback (declared
+    # first: the endpoint check needs it). Its files are read when the socket is made, at start-up.
+    keys: Path | None = None
     endpoint: str = "tcp://127.0.0.1:5556"
     sndhwm: int = Field(10_000, ge=1)
     heartbeat_s: float = Field(5.0, gt=0)
@@ -140,11 +210,20 @@ class PublishSettings(_Section):
     include_embeddings: bool = False  # privacy: embeddings stay in the process unless turned on
     track_update_s: float = Field(1.0, ge=0, description="throttle for track.updated events; 0 = off")
 
+    @field_validator("keys")
+    @classmethod
+    def _expand_user(cls, value: Path | None) -> Path | None:
+        return None if value is None else value.expanduser()
+
     @field_validator("endpoint")
     @classmethod
-    def _endpoint_scheme(cls, value: str) -> str:
+    def _endpoint_scheme(cls, value: str, info: Any) -> str:
+        from streamer.sockets import is_loopback, needs_keys_message
+
         if not value.startswith(("tcp://", "ipc://", "inproc://")):
             raise ValueError("must start with tcp://, ipc:// or inproc://")
+        if "keys" in info.data and info.data["keys"] is None and not is_loopback(value):
+            raise ValueError(needs_keys_message(value, "publish.keys"))
         return value
 
 

@@ -17,8 +17,6 @@ import numpy as np
 
 from streamer.config import Settings, load_settings
 from streamer.errors import GalleryError, InputError, NoFaceError
-from streamer.models.registry import ModelRegistry
-from streamer.models.runtime import RuntimeOptions
 from streamer.types import Attributes, Faces, rounded_box
 
 log = logging.getLogger(__name__)
@@ -31,16 +29,13 @@ ImageInput = str | Path | np.ndarray
 def load_image(image: ImageInput) -> np.ndarray:
     """A BGR uint8 image from a path or an array (grey and BGRA arrays are converted)."""
     if isinstance(image, np.ndarray):
-        array = image
-        if array.dtype != np.uint8:
-            raise InputError(f"image array must be uint8, got {array.dtype}")
-        if array.ndim == 2:
-            return cv2.cvtColor(array, cv2.COLOR_GRAY2BGR)
-        if array.ndim == 3 and array.shape[2] == 4:
-            return cv2.cvtColor(array, cv2.COLOR_BGRA2BGR)
-        if array.ndim == 3 and array.shape[2] == 3:
-            return array
-        raise InputError(f"image array must be HxW, HxWx3 or HxWx4, got shape {array.shape}")
+        from streamer.imaging import as_bgr
+
+        try:
+            return as_bgr(image)
+        except ValueError as exc:
+            # A bad array is the caller's input, reported like a bad file (CLI: one line, exit 2).
+            raise InputError(str(exc)) from None
     path = Path(image)
     if not path.exists():
         raise InputError(f"{path}: no such file")
@@ -98,43 +93,26 @@ class FaceEngine:
     """Detector + embedder + attribute heads + gallery matching for whole images."""
 
     def __init__(self, settings: Settings | None = None) -> None:
+        from streamer.models.factory import ModelFactory
+
         self.settings = settings or load_settings()
-        models = self.settings.models
-        self.registry = ModelRegistry(
-            model_dir=self.settings.model_dir,
-            cache_dir=models.cache_dir,
-            paths=models.paths,
-            allow_download=models.allow_download,
-            allow_noncommercial=models.allow_noncommercial,
-        )
-        self.runtime = RuntimeOptions(
-            device=self.settings.runtime.device, intra_op_threads=self.settings.runtime.threads
-        )
+        self.models = ModelFactory(self.settings)
+        self.registry = self.models.registry
+        self.runtime = self.models.runtime
         self._heads: dict[str, object] = {}
 
     # -- parts, loaded on first use ------------------------------------------------------------
     @cached_property
     def detector(self):
-        from streamer.detect import create_detector
-
-        return create_detector(self.settings.detector, self.registry)
+        return self.models.detector()
 
     @cached_property
     def embedder(self):
-        from streamer.infer.embedders import create_embedder
-
-        return create_embedder(
-            self.settings.embedder.name,
-            self.registry,
-            self.runtime,
-            threshold=self.settings.embedder.threshold,
-        )
+        return self.models.embedder()
 
     def head(self, name: str):
         if name not in self._heads:
-            from streamer.infer.attributes import create_attribute_head
-
-            self._heads[name] = create_attribute_head(name, self.registry, self.runtime)
+            self._heads[name] = self.models.head(name)
         return self._heads[name]
 
     def close(self) -> None:

@@ -155,7 +155,7 @@ def test_draw_faces_validates_its_inputs(clip_with_faces):
         draw_faces(image, np.zeros((2, 4)), [FaceLabel(1, None, None, None, None, False)])
     with pytest.raises(ValueError, match="boxes: expected shape"):
         draw_faces(image, np.zeros((1, 3)), [FaceLabel(1, None, None, None, None, False)])
-    with pytest.raises(ValueError, match="image: expected uint8"):
+    with pytest.raises(ValueError, match="expected a uint8 BGR image"):
         draw_faces(image.astype(np.float32), np.zeros((0, 4)), [])
     assert np.array_equal(draw_faces(image, np.zeros((0, 4)), []), image)
     assert FaceLabel(3, "ann", 40.6, "woman", "sad", True).lines() == ["#3 ann", "41y woman sad"]

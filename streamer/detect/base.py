@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 from abc import ABC, abstractmethod
-from collections import OrderedDict
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -20,22 +19,13 @@ import cv2
 import numpy as np
 
 from streamer.errors import ModelError
+from streamer.imaging import check_image  # also re-exported from streamer.detect
+from streamer.lru import LruDict
 from streamer.types import Faces, LandmarkScheme
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
-
-
-def check_image(image: object) -> np.ndarray:
-    """The image as a BGR uint8 (H, W, 3) array, or ValueError saying what was expected and what came."""
-    if not isinstance(image, np.ndarray):
-        raise ValueError(f"expected a uint8 BGR image array of shape (H, W, 3), got {type(image).__name__}")
-    if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3 or 0 in image.shape:
-        raise ValueError(
-            f"expected a uint8 BGR image of shape (H, W, 3) with H, W > 0, got {image.dtype} {image.shape}"
-        )
-    return image
 
 
 def shrink(image: np.ndarray, max_side: int) -> tuple[np.ndarray, float, float]:
@@ -59,18 +49,10 @@ class SizeCache(Generic[T]):
 
     def __init__(self, build: Callable[[Hashable], T], capacity: int = 8) -> None:
         self._build = build
-        self._capacity = capacity
-        self._items: OrderedDict[Hashable, T] = OrderedDict()
+        self._items: LruDict[Hashable, T] = LruDict(capacity)
 
     def get(self, key: Hashable) -> T:
-        if key in self._items:
-            self._items.move_to_end(key)
-            return self._items[key]
-        value = self._build(key)
-        self._items[key] = value
-        if len(self._items) > self._capacity:
-            self._items.popitem(last=False)
-        return value
+        return self._items.get_or_create(key, lambda: self._build(key))
 
     def clear(self) -> None:
         self._items.clear()

@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 import cv2
 import numpy as np
 
+from streamer.imaging import check_image
+
 from streamer.types import Faces, LandmarkScheme
 
 
@@ -141,8 +143,7 @@ def estimate_transform(landmarks: np.ndarray, template_points: np.ndarray) -> np
 
 def align_faces(image_bgr: np.ndarray, faces: Faces, template: ChipTemplate) -> np.ndarray:
     """Chips (N, S, S, 3) uint8 BGR, one per face, with the landmarks warped onto the template."""
-    if image_bgr.ndim != 3 or image_bgr.shape[2] != 3 or image_bgr.dtype != np.uint8:
-        raise ValueError(f"align_faces: expected a BGR uint8 (H, W, 3) image, got {image_bgr.dtype} {image_bgr.shape}")
+    check_image(image_bgr)
     size = template.size
     chips = np.zeros((len(faces), size, size, 3), dtype=np.uint8)
     if len(faces) == 0:

@@ -24,6 +24,7 @@ import cv2
 import numpy as np
 
 from streamer.errors import ConfigError, ModelError
+from streamer.imaging import check_image
 from streamer.models.registry import ModelRegistry
 from streamer.models.runtime import OnnxModel, RuntimeOptions
 from streamer.types import Attributes, Emotion, Faces, Gender
@@ -38,11 +39,6 @@ AGE_MARGIN = 0.4  # SSR-Net demo `ad`: box grows 40 % of its width/height on eac
 
 # ---------------------------------------------------------------------------------------------
 # crops (light: no onnxruntime, used in the detect worker)
-
-
-def _check_image(image_bgr: np.ndarray) -> None:
-    if image_bgr.ndim != 3 or image_bgr.shape[2] != 3 or image_bgr.dtype != np.uint8:
-        raise ValueError(f"expected a BGR uint8 image (H, W, 3), got {image_bgr.dtype} {image_bgr.shape}")
 
 
 def _window(image: np.ndarray, x1: int, y1: int, x2: int, y2: int) -> np.ndarray:
@@ -67,7 +63,7 @@ def _square_windows(boxes: np.ndarray, factor: float) -> np.ndarray:
 
 
 def _gray_squares(image_bgr: np.ndarray, faces: Faces, factor: float) -> np.ndarray:
-    _check_image(image_bgr)
+    check_image(image_bgr)
     batch = np.empty((len(faces), SIZE, SIZE, 1), np.float32)
     for i, (x1, y1, x2, y2) in enumerate(_square_windows(faces.boxes, factor)):
         gray = cv2.cvtColor(_window(image_bgr, x1, y1, x2, y2), cv2.COLOR_BGR2GRAY)
@@ -88,7 +84,7 @@ def prepare_gender(image_bgr: np.ndarray, faces: Faces) -> np.ndarray:
 
 def prepare_age(image_bgr: np.ndarray, faces: Faces) -> np.ndarray:
     """(N, 64, 64, 3): SSR-Net crop, box +-40 % per axis clipped to the image (not squared), raw BGR 0..255."""
-    _check_image(image_bgr)
+    check_image(image_bgr)
     height, width = image_bgr.shape[:2]
     boxes = faces.boxes.astype(np.float64)
     # the demo works on integer x, y, w, h and truncates the margins with int()

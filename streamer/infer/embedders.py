@@ -23,15 +23,13 @@ from pathlib import Path
 from typing import Literal
 
 import numpy as np
-from scipy.spatial.distance import cdist
 
 from streamer.errors import ConfigError, ModelError
 from streamer.infer.align import ARCFACE_112, DLIB_150, ChipTemplate, align_faces
+from streamer.match.distance import METRICS, Metric, pairwise
 from streamer.models.registry import ModelRegistry
 from streamer.models.runtime import OnnxModel, RuntimeOptions
 from streamer.types import Faces
-
-Metric = Literal["euclidean", "cosine"]
 
 # A generic starting point for ArcFace-family models, NOT calibrated for any particular one: cosine
 # distance 0.6 = cosine similarity 0.4, the usual ballpark for ArcFace-trained 112x112 models. Calibrate
@@ -64,8 +62,8 @@ class EmbedderSpec:
     l2_normalize: bool = False
 
     def __post_init__(self) -> None:
-        if self.metric not in ("euclidean", "cosine"):
-            raise ValueError(f"EmbedderSpec {self.id}: metric must be 'euclidean' or 'cosine', got {self.metric!r}")
+        if self.metric not in METRICS:
+            raise ValueError(f"EmbedderSpec {self.id}: metric must be one of {', '.join(METRICS)}, got {self.metric!r}")
         if not self.threshold > 0 or (self.metric == "cosine" and self.threshold > 2):
             limit = "(0, 2]" if self.metric == "cosine" else "> 0"
             raise ValueError(f"EmbedderSpec {self.id}: {self.metric} threshold must be {limit}, got {self.threshold}")
@@ -119,9 +117,7 @@ class EmbedderSpec:
         g = np.atleast_2d(np.asarray(gallery, dtype=np.float32))
         if q.shape[1] != g.shape[1] or (self.dim is not None and q.shape[1] != self.dim):
             raise ValueError(f"embedder {self.id}: expected {self.dim}-D vectors, got {q.shape} and {g.shape}")
-        if len(q) == 0 or len(g) == 0:
-            return np.zeros((len(q), len(g)), np.float32)
-        return cdist(q, g, metric=self.metric).astype(np.float32)
+        return pairwise(q, g, self.metric)
 
     def distance(self, a: np.ndarray, b: np.ndarray) -> float:
         return float(self.distances(np.reshape(a, (1, -1)), np.reshape(b, (1, -1)))[0, 0])
@@ -303,7 +299,8 @@ class ArcFaceEmbedder(Embedder):
 # -- by name --------------------------------------------------------------------------------------
 
 
-def _model_path(name: str, registry: ModelRegistry) -> Path:
+def embedder_path(name: str, registry: ModelRegistry) -> Path:
+    """The ONNX file a named embedder loads (resolved, converted if needed)."""
     if name not in EMBEDDER_NAMES:
         raise ConfigError(
             f"setting embedder.name: unknown embedder {name!r}; choose one of {', '.join(EMBEDDER_NAMES)}"
@@ -323,7 +320,7 @@ def _model_path(name: str, registry: ModelRegistry) -> Path:
 
 def embedder_spec(name: str, registry: ModelRegistry, threshold: float | None = None) -> EmbedderSpec:
     """The spec of a named embedder without creating a session (for the process that aligns chips)."""
-    path = _model_path(name, registry)
+    path = embedder_path(name, registry)
     with _threshold_errors():
         if name == "dlib_resnet":
             return DlibResNetEmbedder.spec_for(path, threshold)
@@ -337,7 +334,7 @@ def create_embedder(
     threshold: float | None = None,
 ) -> Embedder:
     """A ready embedder by name: "dlib_resnet" (default), "mobilefacenet", or "arcface" (models.paths.arcface)."""
-    path = _model_path(name, registry)
+    path = embedder_path(name, registry)
     model = OnnxModel(path, runtime_options, name=name)
     with _threshold_errors():
         if name == "dlib_resnet":

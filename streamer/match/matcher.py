@@ -1,10 +1,8 @@
 """Who is this face: nearest enrolled person by one matrix product against the gallery per batch.
 
 Distances
-- euclidean: ||a - b|| computed as sqrt(max(0, ||a||^2 + ||b||^2 - 2 a.b)) on the vectors as given
-  (the embedder's threshold is calibrated on its own raw space, e.g. 0.6 for dlib's ResNet).
-- cosine: 1 - a.b after L2-normalising both sides, in [0, 2].
-A person's distance is the minimum over that person's faces.
+Euclidean or cosine, as defined in `streamer.match.distance` (the same numbers the engine's verify
+gives). A person's distance is the minimum over that person's faces.
 
 Score
 `score = max(0, 1 - distance / (2 * threshold))`: a similarity in [0, 1] that is 1 for identical vectors,
@@ -17,14 +15,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Literal
 
 import numpy as np
 
+from streamer.match.distance import METRICS, Metric, PreparedGallery, check_metric, pairwise, prepare_gallery
 from streamer.match.gallery import Gallery
 
-Metric = Literal["euclidean", "cosine"]
-METRICS: tuple[str, ...] = ("euclidean", "cosine")
+__all__ = ["METRICS", "Match", "Matcher", "Metric"]
 
 
 @dataclass(frozen=True)
@@ -49,14 +46,12 @@ class _Index:
 
     source: np.ndarray  # the gallery's cached matrix this was built from (identity = freshness)
     people: tuple[str, ...]  # one per group, in group order
-    starts: np.ndarray  # (P,) first column of each person's faces in `vectors`
-    vectors: np.ndarray  # (M, D) float32, rows grouped by person; L2-normalised for cosine
-    sq_norms: np.ndarray  # (M,) float32, squared norms (euclidean only)
+    starts: np.ndarray  # (P,) first column of each person's faces in `faces`
+    faces: PreparedGallery  # (M, D) rows grouped by person, ready for `pairwise`
 
-
-def _normalise(x: np.ndarray) -> np.ndarray:
-    norms = np.linalg.norm(x, axis=1, keepdims=True)
-    return x / np.maximum(norms, np.float32(1e-12))
+    @property
+    def dim(self) -> int:
+        return self.faces.vectors.shape[1]
 
 
 class Matcher:
@@ -65,8 +60,7 @@ class Matcher:
     def __init__(self, gallery: Gallery, embedder_id: str, metric: Metric, threshold: float) -> None:
         if not isinstance(embedder_id, str) or not embedder_id:
             raise ValueError(f"embedder_id: expected a non-empty string, got {embedder_id!r}")
-        if metric not in METRICS:
-            raise ValueError(f"metric: expected one of {METRICS}, got {metric!r}")
+        check_metric(metric)
         if not (isinstance(threshold, int | float) and math.isfinite(threshold) and threshold > 0):
             raise ValueError(f"threshold: expected a finite number > 0, got {threshold!r}")
         if metric == "cosine" and threshold > 2:
@@ -92,16 +86,12 @@ class Matcher:
         # The gallery already groups rows by person; a stable sort keeps this correct if it ever did not.
         labels, inverse = np.unique(np.asarray(names, dtype=object), return_inverse=True)
         order = np.argsort(inverse, kind="stable")
-        grouped = vectors[order]
         starts = np.searchsorted(inverse[order], np.arange(len(labels)))
-        if self.metric == "cosine" and len(grouped):
-            grouped = _normalise(grouped)
         index = _Index(
             source=vectors,
             people=tuple(str(x) for x in labels),
             starts=starts.astype(np.intp),
-            vectors=np.ascontiguousarray(grouped, dtype=np.float32),
-            sq_norms=np.einsum("ij,ij->i", grouped, grouped).astype(np.float32),
+            faces=prepare_gallery(vectors[order], self.metric),
         )
         self._index = index
         return index
@@ -112,7 +102,7 @@ class Matcher:
             raise ValueError(f"queries: expected an array of shape (N, D), got {shape}")
         if not np.issubdtype(queries.dtype, np.floating):
             raise ValueError(f"queries: expected a float dtype, got {queries.dtype}")
-        dim = index.vectors.shape[1]
+        dim = index.dim
         if len(index.people) and queries.shape[1] != dim:
             raise ValueError(
                 f"queries: expected dimension {dim} (gallery, embedder {self.embedder_id!r}), got {queries.shape[1]}"
@@ -128,15 +118,8 @@ class Matcher:
         q = self._check_queries(queries, index)
         if not index.people or not len(q):
             return index.people, np.full((len(q), len(index.people)), np.inf, dtype=np.float32)
-        if self.metric == "cosine":
-            q = _normalise(q)
-            per_face = 1.0 - q @ index.vectors.T
-            per_person = np.minimum.reduceat(per_face, index.starts, axis=1)
-            return index.people, np.clip(per_person, 0.0, 2.0)
-        # min before sqrt: sqrt is monotone, so take it on (N, P) instead of (N, M).
-        sq = np.einsum("ij,ij->i", q, q)[:, None] + index.sq_norms[None, :] - 2.0 * (q @ index.vectors.T)
-        per_person = np.minimum.reduceat(sq, index.starts, axis=1)
-        return index.people, np.sqrt(np.maximum(per_person, 0.0))
+        per_face = pairwise(q, index.faces, self.metric)
+        return index.people, np.minimum.reduceat(per_face, index.starts, axis=1)
 
     def match(self, queries: np.ndarray) -> list[Match]:
         """The best person for each query row; unknown (name None) when the best distance >= threshold."""

@@ -9,10 +9,10 @@ cap guards against a caller that forgets to.
 from __future__ import annotations
 
 import math
-from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from streamer.lru import LruDict
 from streamer.types import Attributes, Emotion, Gender
 
 if TYPE_CHECKING:
@@ -71,7 +71,7 @@ class IdentityVoter:
         self.min_votes = int(min_votes)
         self.vote_share = float(vote_share)
         self.max_tracks = int(max_tracks)
-        self._ballots: OrderedDict[int, _Ballot] = OrderedDict()
+        self._ballots: LruDict[int, _Ballot] = LruDict(self.max_tracks)
 
     @classmethod
     def from_settings(cls, settings: RecognitionSettings) -> IdentityVoter:
@@ -85,13 +85,7 @@ class IdentityVoter:
         if not math.isfinite(score):
             raise ValueError(f"IdentityVoter.add: score must be finite, got {score}")
         track_id = int(track_id)
-        ballot = self._ballots.get(track_id)
-        if ballot is None:
-            ballot = self._ballots[track_id] = _Ballot()
-            while len(self._ballots) > self.max_tracks:
-                self._ballots.popitem(last=False)
-        else:
-            self._ballots.move_to_end(track_id)
+        ballot = self._ballots.get_or_create(track_id, _Ballot)
         ballot.counts[name] = ballot.counts.get(name, 0) + 1
         ballot.score_sums[name] = ballot.score_sums.get(name, 0.0) + float(score)
 
@@ -133,7 +127,7 @@ class AttributeSmoother:
     def __init__(self, max_tracks: int = _DEFAULT_MAX_TRACKS) -> None:
         _check_max_tracks("AttributeSmoother", max_tracks)
         self.max_tracks = int(max_tracks)
-        self._sums: OrderedDict[int, _Sums] = OrderedDict()
+        self._sums: LruDict[int, _Sums] = LruDict(self.max_tracks)
 
     def __len__(self) -> int:
         return len(self._sums)
@@ -144,13 +138,7 @@ class AttributeSmoother:
         if gender is not None and gender.label not in _GENDER_LABELS:
             raise ValueError(f"AttributeSmoother: gender label must be one of {_GENDER_LABELS}, got {gender.label!r}")
         track_id = int(track_id)
-        sums = self._sums.get(track_id)
-        if sums is None:
-            sums = self._sums[track_id] = _Sums()
-            while len(self._sums) > self.max_tracks:
-                self._sums.popitem(last=False)
-        else:
-            self._sums.move_to_end(track_id)
+        sums = self._sums.get_or_create(track_id, _Sums)
 
         if attributes.age is not None:
             sums.age_sum += float(attributes.age)

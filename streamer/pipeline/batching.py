@@ -9,22 +9,16 @@ from __future__ import annotations
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import Any
-
-import numpy as np
+from typing import Protocol
 
 
-@dataclass
-class PendingRequest:
-    reply_to: bytes  # ZeroMQ ROUTER identity of the detect worker that asked
-    header: dict[str, Any]
-    arrays: dict[str, np.ndarray]
-    arrived: float = field(default_factory=time.monotonic)
+class Batchable(Protocol):
+    """A queued request: how many faces it holds and when it arrived (the batcher's clock)."""
 
     @property
-    def faces(self) -> int:
-        return int(self.header.get("n", 0))
+    def faces(self) -> int: ...
+
+    arrived: float
 
 
 class DynamicBatcher:
@@ -36,7 +30,7 @@ class DynamicBatcher:
         self.max_batch = max_batch
         self.max_wait_s = max_wait_s
         self.clock = clock
-        self._queue: deque[PendingRequest] = deque()
+        self._queue: deque[Batchable] = deque()
         self._faces = 0
 
     def __len__(self) -> int:
@@ -46,7 +40,7 @@ class DynamicBatcher:
     def requests(self) -> int:
         return len(self._queue)
 
-    def add(self, request: PendingRequest) -> None:
+    def add(self, request: Batchable) -> None:
         self._queue.append(request)
         self._faces += request.faces
 
@@ -62,9 +56,9 @@ class DynamicBatcher:
         wait = self.seconds_until_due()
         return wait is not None and wait <= 0.0
 
-    def take(self) -> list[PendingRequest]:
+    def take(self) -> list[Batchable]:
         """Oldest requests whose faces fit in one batch (at least one request)."""
-        batch: list[PendingRequest] = []
+        batch: list[Batchable] = []
         faces = 0
         while self._queue and (not batch or faces + self._queue[0].faces <= self.max_batch):
             request = self._queue.popleft()
@@ -73,9 +67,3 @@ class DynamicBatcher:
         self._faces -= faces
         return batch
 
-
-def concat(requests: list[PendingRequest], key: str) -> np.ndarray | None:
-    parts = [r.arrays[key] for r in requests if key in r.arrays]
-    if not parts:
-        return None
-    return parts[0] if len(parts) == 1 else np.concatenate(parts)

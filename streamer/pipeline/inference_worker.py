@@ -1,105 +1,122 @@
 """The inference worker: batched embedder + attribute heads on the onnxruntime provider that really loaded.
 
 It binds a ROUTER socket; any number of detect workers (DEALER) send requests of prepared chips and get
-their results back by identity. One session per model, created once; one `session.run` per model per batch.
+their results back by identity. Every message is checked (`protocol.from_frames`) before it is queued:
+a malformed or hostile one is logged (rate limited) and answered with an error, and never reaches a
+batch, so other callers are unaffected. Beyond loopback the socket is CURVE-encrypted and only listed
+client keys get in (`streamer keys generate`).
 """
 
 from __future__ import annotations
 
 import logging
 import signal
+import sys
 import time
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import zmq
 
 from streamer.config import Settings
-from streamer.errors import ConfigError
-from streamer.pipeline.batching import DynamicBatcher, PendingRequest, concat
-from streamer.pipeline.transport import SocketDefaults, decode, encode, make_socket
+from streamer.errors import StreamerError
+from streamer.infer.batch import InferenceModels
+from streamer.logutil import RateLimitedLog
+from streamer.pipeline.batching import DynamicBatcher
+from streamer.pipeline.protocol import (
+    ErrorReply,
+    Hello,
+    InferenceRequest,
+    InferenceResult,
+    Limits,
+    ProtocolError,
+    Welcome,
+    from_frames,
+)
+from streamer.sockets import SocketDefaults, SocketKind, make_socket
 
 log = logging.getLogger(__name__)
 
 
-class InferenceModels:
-    """The embedder and the enabled attribute heads, loaded once, run on whole batches."""
+@dataclass
+class PendingRequest:
+    reply_to: bytes  # ZeroMQ ROUTER identity of the detect worker that asked
+    request: InferenceRequest
+    arrived: float = field(default_factory=time.monotonic)
 
-    def __init__(self, settings: Settings) -> None:
-        from streamer.engine import FaceEngine
-
-        engine = FaceEngine(settings)
-        self.embedder = engine.embedder
-        self.heads = {name: engine.head(name) for name in settings.attributes.enabled}
-        self.device = self.embedder.model.device
-        self._warm_up()
-
-    def _warm_up(self) -> None:
-        """First runs allocate and plan; do them now, not on the first real faces (latency)."""
-        from streamer.infer.attributes import prepare_function
-        from streamer.types import Faces
-
-        image = np.zeros((160, 160, 3), np.uint8)
-        faces = Faces(
-            boxes=[[40, 40, 120, 120]],
-            scores=[1.0],
-            landmarks=[[[60, 70], [100, 70], [80, 90], [65, 105], [95, 105]]],
-        )
-        self.embedder.embed(self.embedder.spec.prepare(image, faces))
-        for name, head in self.heads.items():
-            head.predict_arrays(prepare_function(name)(image, faces))
-
-    def run(self, chips: np.ndarray | None, crops: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        out: dict[str, np.ndarray] = {}
-        if chips is not None:
-            out["embedding"] = self.embedder.embed(chips).astype(np.float32, copy=False)
-        for name, head in self.heads.items():
-            if name in crops:
-                out.update(head.predict_arrays(crops[name]))
-        return out
+    @property
+    def faces(self) -> int:
+        return self.request.n
 
 
-def split_results(requests: list[PendingRequest], results: dict[str, np.ndarray]) -> list[dict[str, np.ndarray]]:
-    parts: list[dict[str, np.ndarray]] = []
-    start = 0
-    for request in requests:
-        stop = start + request.faces
-        parts.append({key: value[start:stop] for key, value in results.items()})
-        start = stop
-    return parts
+def concat(requests: list[PendingRequest], key: str) -> np.ndarray | None:
+    parts = [r.request.arrays[key] for r in requests if key in r.request.arrays]
+    if not parts:
+        return None
+    return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
 
 class InferenceWorker:
-    def __init__(self, settings: Settings, endpoint: str, models: Any | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        endpoint: str,
+        models: InferenceModels | None = None,
+        *,
+        keys=None,  # noqa: ANN001 - streamer.sockets.ServerKeys, required beyond loopback
+        sha256: str | None = None,
+        setting: str = "inference.endpoint",
+    ) -> None:
+        from streamer.models.factory import ModelFactory
+
         self.settings = settings
-        self.endpoint = endpoint
-        self.models = models or InferenceModels(settings)
-        self.batcher = DynamicBatcher(settings.inference.max_batch, settings.inference.max_wait_ms / 1000)
-        self.context = zmq.Context.instance()
-        try:
-            self.socket = make_socket(self.context, zmq.ROUTER, hwm=SocketDefaults.RESULT_HWM, bind=endpoint)
-        except zmq.ZMQError as exc:
-            raise ConfigError(f"inference.endpoint: cannot bind {endpoint!r}: {exc.strerror}") from None
+        factory = ModelFactory(settings)
+        self.models = models or InferenceModels.load(factory)
+        self.sha256 = sha256 or factory.embedder_sha256
+        self.embedder_id = self.models.embedder.spec.id
+        self.max_batch = settings.inference.max_batch
+        self.limits = Limits(
+            chip_size=self.models.chip_size,
+            heads=frozenset(self.models.heads),
+            max_faces=self.max_batch,
+            accept=frozenset({"hello", "request"}),
+        )
+        self.batcher = DynamicBatcher(self.max_batch, settings.inference.max_wait_ms / 1000)
+        self.socket = make_socket(
+            zmq.Context.instance(), SocketKind.ROUTER, hwm=SocketDefaults.RESULT_HWM, bind=endpoint,
+            max_message_bytes=SocketDefaults.MAX_MESSAGE_BYTES, server_keys=keys, setting=setting,
+        )
+        self.endpoint = self.socket.getsockopt_string(zmq.LAST_ENDPOINT)
         self.running = True
         self.batches = 0
         self.faces = 0
+        self.refused = 0  # messages refused (malformed, wrong embedder, too many faces)
+        self._log = RateLimitedLog(log)
+
+    @property
+    def welcome(self) -> Welcome:
+        return Welcome(self.embedder_id, self.sha256, tuple(self.models.heads), self.models.chip_size,
+                       self.max_batch, self.models.device)
 
     def stop(self, *_: object) -> None:
         self.running = False
 
     def serve(self) -> None:
-        poller = zmq.Poller()
-        poller.register(self.socket, zmq.POLLIN)
         try:
             while self.running:
-                wait = self.batcher.seconds_until_due()
-                timeout_ms = 100 if wait is None else max(0, int(wait * 1000))
-                if poller.poll(timeout_ms):
-                    self._receive_all()
-                while self.batcher.due():
-                    self._run_batch(self.batcher.take())
+                self.step()
         finally:
-            self.socket.close()
+            self.socket.close(linger=0)
+
+    def step(self, max_wait_ms: int = 100) -> None:
+        """Receive what is there (waiting until the next batch is due), run every due batch."""
+        wait = self.batcher.seconds_until_due()
+        timeout_ms = max_wait_ms if wait is None else max(0, min(max_wait_ms, int(wait * 1000)))
+        if self.socket.poll(timeout_ms, zmq.POLLIN):
+            self._receive_all()
+        while self.batcher.due():
+            self._run_batch(self.batcher.take())
 
     def _receive_all(self) -> None:
         while True:
@@ -107,43 +124,71 @@ class InferenceWorker:
                 frames = self.socket.recv_multipart(zmq.NOBLOCK, copy=False)
             except zmq.Again:
                 return
-            identity, body = frames[0].bytes, frames[1:]
+            if len(frames) < 2:
+                continue  # no body: nothing to answer
+            identity = frames[0].bytes
             try:
-                message = decode(body)
-            except (ValueError, KeyError) as exc:
-                log.warning("dropped a malformed inference request: %s", exc)
+                message = from_frames(frames[1:], self.limits)
+            except ProtocolError as exc:
+                self._refuse(identity, None, str(exc))
                 continue
-            self.batcher.add(PendingRequest(identity, message.header, dict(message.arrays)))
+            if isinstance(message, Hello):
+                self._reply(identity, self.welcome.to_frames())
+            elif message.embedder != self.embedder_id:
+                self._refuse(identity, message.id, f"this worker runs embedder {self.embedder_id}, the request is "
+                             f"for {message.embedder}")
+            else:
+                self.batcher.add(PendingRequest(identity, message))
+
+    def _refuse(self, identity: bytes, request_id: int | None, why: str) -> None:
+        self.refused += 1
+        self._log.warning(f"refused:{identity.hex()[:16]}", "refused a message from peer %s: %s", identity.hex()[:16], why)
+        self._reply(identity, ErrorReply(why, request_id).to_frames())
+
+    def _reply(self, identity: bytes, frames: list[Any]) -> None:
+        try:
+            self.socket.send_multipart([identity, *frames], zmq.NOBLOCK, copy=False)
+        except zmq.Again:
+            self._log.warning(f"slow:{identity.hex()[:16]}", "reply to peer %s dropped: it is not reading",
+                              identity.hex()[:16])
+        except zmq.ZMQError as exc:  # the peer went away (ROUTER_MANDATORY is off, but be safe)
+            self._log.warning("send", "reply dropped: %s", exc.strerror)
 
     def _run_batch(self, requests: list[PendingRequest]) -> None:
         started = time.monotonic()
-        chips = concat(requests, "chips")
-        crops = {name: array for name in ("age", "gender", "emotion") if (array := concat(requests, name)) is not None}
-        results = self.models.run(chips, crops)
+        arrays = {key: a for key in ("chips", *self.models.heads) if (a := concat(requests, key)) is not None}
+        results = self.models.run(arrays)
         elapsed_ms = (time.monotonic() - started) * 1000
         batch_faces = sum(r.faces for r in requests)
         self.batches += 1
         self.faces += batch_faces
-        for request, part in zip(requests, split_results(requests, results)):
-            header = {
-                **request.header,
-                "batch": batch_faces,
-                "infer_ms": round(elapsed_ms, 2),
-                "queued_ms": round((started - request.arrived) * 1000, 2),
-                "device": self.models.device,
-            }
-            try:
-                self.socket.send_multipart([request.reply_to, *encode(header, part)], zmq.NOBLOCK)
-            except zmq.Again:
-                log.warning("result for %s dropped: detect worker not reading", request.header.get("stream"))
+        start = 0
+        for pending in requests:
+            stop = start + pending.faces
+            part = {key: value[start:stop] for key, value in results.items()}
+            start = stop
+            result = InferenceResult(
+                id=pending.request.id, embedder=self.embedder_id, sha256=self.sha256, arrays=part,
+                batch=batch_faces, infer_ms=elapsed_ms, queued_ms=(started - pending.arrived) * 1000,
+                device=self.models.device,
+            )
+            self._reply(pending.reply_to, result.to_frames())
 
 
-def inference_main(settings_data: dict[str, Any], endpoint: str, log_level: int = logging.WARNING) -> None:
-    """Process entry point (spawned by the supervisor)."""
-    logging.basicConfig(level=log_level, format="%(asctime)s %(levelname)s inference: %(message)s")
+def inference_main(settings_data: dict[str, Any], endpoint: str, control_endpoint: str | None = None,
+                   log_level: int = logging.WARNING) -> None:
+    """Process entry point (spawned by the supervisor). A user error (missing model, bad bind address)
+    goes to the supervisor as one line, never as a traceback and a restart loop."""
+    from streamer.pipeline.worker_base import report_fatal, watch_parent
+
+    logging.basicConfig(level=log_level, format="%(asctime)s %(levelname)s inference: %(message)s", stream=sys.stderr)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor decides when we stop
-    settings = Settings(**settings_data)
-    worker = InferenceWorker(settings, endpoint)
+    try:
+        worker = InferenceWorker(Settings(**settings_data), endpoint)
+    except StreamerError as exc:
+        report_fatal(control_endpoint, "inference", str(exc))
+        sys.exit(2)
     signal.signal(signal.SIGTERM, worker.stop)
+    watch_parent(worker.stop)
     log.info("inference worker on %s (device %s)", endpoint, worker.models.device)
     worker.serve()

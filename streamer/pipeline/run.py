@@ -20,16 +20,16 @@ import sys
 import tempfile
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-import orjson
 import zmq
-from pydantic import TypeAdapter, ValidationError
 
 from streamer.config import Settings
 from streamer.errors import StreamerError
-from streamer.pipeline.transport import SocketDefaults, make_socket
+from streamer.logutil import RateLimitedLog
+from streamer.sockets import SocketDefaults, SocketKind, make_socket
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +50,9 @@ class RunSummary:
     latencies_by_kind: dict[str, list[float]] = field(default_factory=dict)
     frames: int = 0
     faces_sent: int = 0
+    faces_embedded: int = 0  # faces whose results came back
+    first_frame_at: float | None = None  # time.monotonic() of the first frame read
+    last_published_at: float | None = None  # of the last event other than a heartbeat
     started: float = field(default_factory=time.monotonic)
     finished: float | None = None
     restarts: dict[str, int] = field(default_factory=lambda: {"detect": 0, "inference": 0})
@@ -61,14 +64,18 @@ class RunSummary:
 
 
 class _Worker:
-    def __init__(self, name: str, target: Any, args: tuple) -> None:
+    """A worker process; `args` is called at each start (a restarted worker gets current arguments)."""
+
+    def __init__(self, name: str, target: Any, args: Callable[[], tuple],
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.name, self.target, self.args = name, target, args
+        self.clock = clock
         self.process: multiprocessing.process.BaseProcess | None = None
         self.crashes: deque[float] = deque()
 
     def start(self) -> None:
         context = multiprocessing.get_context("spawn")  # no fork: onnxruntime/MediaPipe threads don't survive it
-        self.process = context.Process(target=self.target, args=self.args, name=f"streamer-{self.name}", daemon=True)
+        self.process = context.Process(target=self.target, args=self.args(), name=f"streamer-{self.name}", daemon=True)
         self.process.start()
         log.info("started %s worker (pid %d)", self.name, self.process.pid)
 
@@ -96,11 +103,63 @@ class _Worker:
             self.process.join(2)
 
     def may_restart(self) -> bool:
-        now = time.monotonic()
+        """Records a crash; False once there were more than MAX_RESTARTS within RESTART_WINDOW_S."""
+        now = self.clock()
         self.crashes.append(now)
         while self.crashes and now - self.crashes[0] > RESTART_WINDOW_S:
             self.crashes.popleft()
         return len(self.crashes) <= MAX_RESTARTS
+
+
+@dataclass
+class _LiveTrack:
+    box: tuple[float, float, float, float]
+    frame: int
+    pts: float
+    started_pts: float
+
+
+class TrackBook:
+    """The supervisor's view of every live track, from the events it publishes: what it needs to end
+    them when the worker that held them dies, and where a restarted worker's ids must start."""
+
+    def __init__(self) -> None:
+        self._live: dict[str, dict[int, _LiveTrack]] = {}
+        self._next: dict[str, int] = {}
+
+    def observe(self, event: Any) -> None:
+        track = getattr(event, "track", None)
+        if track is None:
+            return
+        live = self._live.setdefault(event.stream, {})
+        self._next[event.stream] = max(self._next.get(event.stream, 1), track + 1)
+        if event.kind == "track.ended":
+            live.pop(track, None)
+        elif event.kind == "track.started":
+            live[track] = _LiveTrack(event.box, event.frame, event.pts, event.pts)
+        elif track in live:
+            old = live[track]
+            live[track] = _LiveTrack(event.box, max(old.frame, event.frame), max(old.pts, event.pts), old.started_pts)
+
+    def reported(self, stream: str, next_track_id: int) -> None:
+        """A worker's own counter: ids it handed out to tracks not yet published are used up too."""
+        self._next[stream] = max(self._next.get(stream, 1), next_track_id)
+
+    def next_ids(self) -> dict[str, int]:
+        return dict(self._next)
+
+    def orphaned(self) -> list[Any]:
+        """`track.ended` (reason worker_restart) for every live track; forgets them."""
+        from streamer.publish.events import TrackEnded
+
+        ended = []
+        for stream, tracks in self._live.items():
+            for track, info in sorted(tracks.items()):
+                ended.append(TrackEnded(stream=stream, frame=info.frame, pts=info.pts, track=track, box=info.box,
+                                        duration=max(0.0, info.pts - info.started_pts), frames=None,
+                                        reason="worker_restart"))
+            tracks.clear()
+        return ended
 
 
 class Supervisor:
@@ -113,7 +172,7 @@ class Supervisor:
         log_level: int | None = None,
         stop_on_status: frozenset[str] = frozenset(),
     ) -> None:
-        from streamer.publish.events import Event
+        from streamer.models.factory import ModelFactory
         from streamer.publish.publisher import EventPublisher
 
         self.settings = settings
@@ -124,7 +183,8 @@ class Supervisor:
         self.print_events = print_events
         self.stop_on_status = stop_on_status  # e.g. {"lost"}: the bench replays a clip once as a camera
         self.log_level = log_level if log_level is not None else logging.getLogger().getEffectiveLevel()
-        self._event_adapter = TypeAdapter(Event)
+        # Every model the run needs resolves now: a missing one is one line before anything is spawned.
+        ModelFactory(settings).resolve_all(heads=settings.inference.endpoint is None)
         self._tmp = tempfile.TemporaryDirectory(prefix="streamer-")
         self.context = zmq.Context.instance()
         # Bind the public socket first: a port in use fails here, before any worker starts.
@@ -133,19 +193,31 @@ class Supervisor:
             settings.publish.sndhwm,
             include_crops=settings.publish.include_crops,
             include_embeddings=settings.publish.include_embeddings,
+            keys=_server_keys(settings.publish.keys, "publish.keys"),
         )
         self.events_endpoint = f"ipc://{self._tmp.name}/events"
+        self.control_endpoint = f"ipc://{self._tmp.name}/control"
         self.inference_endpoint = settings.inference.endpoint or f"ipc://{self._tmp.name}/inference"
-        self.events = make_socket(self.context, zmq.PULL, hwm=SocketDefaults.EVENT_HWM, bind=self.events_endpoint)
+        self.events = make_socket(self.context, SocketKind.PULL, hwm=SocketDefaults.EVENT_HWM,
+                                  bind=self.events_endpoint, max_message_bytes=SocketDefaults.MAX_MESSAGE_BYTES)
+        self.control = make_socket(self.context, SocketKind.PULL, hwm=SocketDefaults.EVENT_HWM,
+                                   bind=self.control_endpoint, max_message_bytes=1 << 20)
+        self.tracks = TrackBook()
+        self._log = RateLimitedLog(log)
         settings_data = settings.model_dump(mode="json")
         from streamer.pipeline.detect_worker import detect_main
         from streamer.pipeline.inference_worker import inference_main
 
         self.inference = None
         if settings.inference.endpoint is None:  # else a remote worker serves us
-            self.inference = _Worker("inference", inference_main, (settings_data, self.inference_endpoint, self.log_level))
+            self.inference = _Worker(
+                "inference", inference_main,
+                lambda: (settings_data, self.inference_endpoint, self.control_endpoint, self.log_level),
+            )
         self.detect = _Worker(
-            "detect", detect_main, (settings_data, self.inference_endpoint, self.events_endpoint, progress, self.log_level)
+            "detect", detect_main,
+            lambda: (settings_data, self.inference_endpoint, self.events_endpoint, self.control_endpoint,
+                     self.tracks.next_ids(), self.log_level),
         )
         self._last_heartbeat = time.monotonic()
         self._bars: dict[str, Any] = {}
@@ -165,6 +237,8 @@ class Supervisor:
             while True:
                 self._pump(timeout_ms=50)
                 self._maybe_heartbeat()
+                if self.fatal:
+                    raise StreamerError(self.fatal)
                 if self.stopping and stop_deadline is None:
                     stop_deadline = time.monotonic() + STOP_GRACE_S
                 if stop_deadline is not None and time.monotonic() > stop_deadline:
@@ -179,6 +253,9 @@ class Supervisor:
                         break
                     self._restart(self.detect, code)
                 if self.inference is not None and not self.inference.alive and not self.stopping:
+                    self._pump(timeout_ms=200, until_idle=True)
+                    if self.fatal:
+                        raise StreamerError(self.fatal)
                     self._restart(self.inference, self.inference.exitcode)
             self._publish_heartbeat()
             return self.summary
@@ -191,61 +268,79 @@ class Supervisor:
             for bar in self._bars.values():
                 bar.close()
             self.events.close()
+            self.control.close()
             self.publisher.close()
             self._tmp.cleanup()
 
     # -- internals ------------------------------------------------------------------------------------------
     def _restart(self, worker: _Worker, code: int | None) -> None:
         log.error("%s worker exited unexpectedly (exit code %s); restarting it", worker.name, code)
-        if worker is self.detect:
-            for stream in self.summary.last_stats.get("streams", {}):
-                self._publish({"kind": "stream.status", "stream": stream, "status": "lost",
-                               "detail": f"detect worker crashed (exit code {code}); restarting"})
         if not worker.may_restart():
             raise PipelineFailed(f"{worker.name} worker keeps crashing (exit code {code}); giving up")
+        if worker is self.detect:
+            # Its tracks died with it: end them, so no subscriber waits for a track.ended that never comes.
+            for event in self.tracks.orphaned():
+                self._publish(event)
+            from streamer.publish.events import StreamStatus
+
+            for stream in self.summary.last_stats.get("streams", {}):
+                self._publish(StreamStatus(stream=stream, status="lost",
+                                           detail=f"detect worker crashed (exit code {code}); restarting"))
         self.summary.restarts[worker.name] += 1
         worker.start()
 
     def _pump(self, timeout_ms: int, until_idle: bool = False) -> None:
-        while self.events.poll(timeout_ms, zmq.POLLIN):
-            while True:
-                try:
-                    frames = self.events.recv_multipart(zmq.NOBLOCK)
-                except zmq.Again:
-                    break
-                self._handle(orjson.loads(frames[0]), frames[1] if len(frames) > 1 else None)
+        from streamer.pipeline.messages import parse_control, parse_event_frames
+
+        poller = zmq.Poller()
+        poller.register(self.events, zmq.POLLIN)
+        poller.register(self.control, zmq.POLLIN)
+        while ready := dict(poller.poll(timeout_ms)):
+            if self.control in ready:
+                for frames in _drain(self.control):
+                    try:
+                        self._handle_control(parse_control(frames))
+                    except ValueError as exc:
+                        self._log.warning("control", "dropping an invalid control message: %s", _first_line(exc))
+            if self.events in ready:
+                for frames in _drain(self.events):
+                    try:
+                        event, meta, crop = parse_event_frames(frames)
+                    except ValueError as exc:  # a bug, not a user error: say what was malformed
+                        self._log.warning("event", "dropping an invalid event: %s", _first_line(exc))
+                        continue
+                    self._publish(event, crop, meta.decoded_at)
             if not until_idle:
                 return
 
-    def _handle(self, payload: dict[str, Any], crop: bytes | None = None) -> None:
-        kind = payload.get("kind")
-        if kind == "_stats":
-            self.summary.last_stats = payload
-            self.summary.faces_sent = payload.get("faces_sent", 0)
-            self.summary.frames = sum(s["frames"] for s in payload["streams"].values())
-            self._update_progress(payload)
+    def _handle_control(self, message: Any) -> None:
+        if message.type == "fatal":
+            self.fatal = message.message
             return
-        if kind == "_fatal":
-            self.fatal = payload["message"]
-            return
-        self._publish(payload, crop)
+        stats = message.model_dump()
+        self.summary.last_stats = stats
+        self.summary.faces_sent = message.faces_sent
+        self.summary.faces_embedded = message.faces_embedded
+        self.summary.first_frame_at = self.summary.first_frame_at or message.first_frame_at
+        self.summary.frames = sum(s.frames for s in message.streams.values())
+        for stream, info in message.streams.items():
+            self.tracks.reported(stream, info.next_track_id)
+        self._update_progress(stats)
 
-    def _publish(self, payload: dict[str, Any], crop: bytes | None = None) -> None:
-        decoded_at = payload.pop("_decoded_at", None)
-        try:
-            event = self._event_adapter.validate_python(payload)
-        except ValidationError as exc:  # a bug, not a user error: say which event was malformed
-            log.error("dropping malformed %s event: %s", payload.get("kind"), exc)
-            return
+    def _publish(self, event: Any, crop: bytes | None = None, decoded_at: float | None = None) -> None:
         sent = self.publisher.publish(event, crop=crop)
+        self.tracks.observe(event)
         if event.kind == "stream.status" and event.status in self.stop_on_status:
             self.request_stop()
         self.summary.published += 1
+        now = time.monotonic()
+        if event.kind != "heartbeat":
+            self.summary.last_published_at = now
         if self.print_events:
             sys.stdout.write(f"{sent.topic.decode()} {sent.payload().decode()}\n")
             sys.stdout.flush()
         if decoded_at is not None:
-            latency = (time.monotonic() - decoded_at) * 1000
+            latency = (now - decoded_at) * 1000
             self.summary.latencies_ms.append(latency)
             by_kind = self.summary.latencies_by_kind.setdefault(event.kind, [])
             if len(by_kind) < 100_000:
@@ -256,6 +351,8 @@ class Supervisor:
             self._publish_heartbeat()
 
     def _publish_heartbeat(self) -> None:
+        from streamer.publish.events import Heartbeat
+
         self._last_heartbeat = time.monotonic()
         stats = self.summary.last_stats
         if not stats:
@@ -263,16 +360,11 @@ class Supervisor:
         queues = dict(stats.get("queues", {}))
         queues["publish_dropped"] = self.publisher.dropped
         health = ("fps", "frames", "dropped", "status", "reconnects")
-        self._publish(
-            {
-                "kind": "heartbeat",
-                "streams": {
-                    stream: {key: info[key] for key in health} for stream, info in stats.get("streams", {}).items()
-                },
-                "queues": queues,
-                "uptime": round(time.monotonic() - self.summary.started, 3),
-            }
-        )
+        self._publish(Heartbeat(
+            streams={stream: {key: info[key] for key in health} for stream, info in stats.get("streams", {}).items()},
+            queues=queues,
+            uptime=round(time.monotonic() - self.summary.started, 3),
+        ))
 
     def _update_progress(self, stats: dict[str, Any]) -> None:
         if not self.progress:
@@ -287,6 +379,28 @@ class Supervisor:
             if bar is None:
                 bar = self._bars[stream] = tqdm(total=total, desc=stream, unit="frame", leave=True, file=sys.stderr)
             bar.update(max(0, info["frames"] - bar.n))
+
+
+def _drain(socket: zmq.Socket) -> list[list[bytes]]:
+    messages = []
+    while True:
+        try:
+            messages.append(socket.recv_multipart(zmq.NOBLOCK))
+        except zmq.Again:
+            return messages
+
+
+def _first_line(exc: Exception) -> str:
+    text = str(exc)
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _server_keys(directory: Any, setting: str) -> Any:
+    if directory is None:
+        return None
+    from streamer.sockets import ServerKeys
+
+    return ServerKeys.load(directory, setting)
 
 
 def run_pipeline(settings: Settings, progress: bool = True, print_events: bool = False) -> int:

@@ -12,6 +12,8 @@ from typing import Literal
 import cv2
 import numpy as np
 
+from streamer.imaging import check_image
+
 KNOWN_COLOUR = (60, 200, 60)  # BGR
 UNKNOWN_COLOUR = (0, 140, 255)
 TEXT_COLOUR = (0, 0, 0)
@@ -44,11 +46,6 @@ class FaceLabel:
             if part
         ]
         return [head, " ".join(details)] if details else [head]
-
-
-def _check_image(image: np.ndarray) -> None:
-    if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
-        raise ValueError(f"image: expected uint8 (H, W, 3) BGR, got {image.dtype} {image.shape}")
 
 
 def _check_boxes(boxes: np.ndarray | Sequence[Sequence[float]]) -> np.ndarray:
@@ -101,7 +98,7 @@ def blur_faces(
     method: Literal["gaussian", "pixelate"] = "gaussian",
 ) -> np.ndarray:
     """A copy of `image` (BGR uint8) with every box, grown by `margin` of its size, made unrecognisable."""
-    _check_image(image)
+    check_image(image)
     if method not in ("gaussian", "pixelate"):
         raise ValueError(f"method: expected 'gaussian' or 'pixelate', got {method!r}")
     if margin < 0:
@@ -121,7 +118,7 @@ def draw_faces(
 ) -> np.ndarray:
     """An annotated copy: faces in `blur_mask` blurred first (e.g. unknown faces under --blur-unknown),
     then every face boxed and labelled with track id, name or "unknown", age, gender and emotion."""
-    _check_image(image_bgr)
+    check_image(image_bgr)
     boxes = _check_boxes(boxes)
     if len(labels) != len(boxes):
         raise ValueError(f"labels: expected one per box ({len(boxes)}), got {len(labels)}")

@@ -138,10 +138,21 @@ class TrackUpdated(FaceEvent):
     kind: Literal["track.updated"] = "track.updated"
 
 
+TrackEndReason = Literal["left", "scene_cut", "source_lost", "end_of_input", "stopped", "worker_restart"]
+
+
 class TrackEnded(FaceEvent):
     kind: Literal["track.ended"] = "track.ended"
     duration: Float = Field(ge=0, description="seconds from first to last sighting (stream clock)")
-    frames: int = Field(ge=0, description="frames in which the track was seen")
+    frames: int | None = Field(
+        ge=0, description="frames in which the track was seen; null when the worker that counted them died"
+    )
+    reason: TrackEndReason = Field(
+        "left",
+        description="left: not seen for tracker.max_missed frames; scene_cut: a shot cut; source_lost: the "
+        "source disconnected; end_of_input: the file ended; stopped: streamer was stopped; worker_restart: "
+        "the detect worker died and was restarted",
+    )
 
 
 class Identity(FaceEvent):
@@ -253,6 +264,14 @@ def parse_event(topic: bytes, payload: bytes) -> Event:
         raise ValueError(f"seq: expected >= 1 on the wire, got {event.seq}")
     if topic != event.topic:
         raise ValueError(f"topic: expected {event.topic!r} for this payload, got {topic!r}")
+    return event
+
+
+def parse_internal_event(payload: bytes) -> Event:
+    """Validate an event that has not been published yet (between streamer's own processes: `seq` 0)."""
+    event = _ADAPTER.validate_json(payload)
+    if event.seq != 0:
+        raise ValueError(f"seq: an unpublished event has seq 0, got {event.seq}")
     return event
 
 

@@ -24,6 +24,23 @@ log = logging.getLogger(__name__)
 _SAME_FACE_IOU = 0.9  # tracked faces are the detections themselves, so their boxes coincide
 
 
+def face_labels(tracks: Mapping[int, object]) -> dict[int, FaceLabel]:
+    """Labels to draw from what the recogniser believes of each live track (`name`, `known`,
+    `attributes`: streamer.match.recogniser.TrackState)."""
+    labels = {}
+    for track, state in tracks.items():
+        attributes = state.attributes
+        labels[track] = FaceLabel(
+            track=track,
+            name=state.name,
+            age=attributes.age if attributes else None,
+            gender=attributes.gender.label if attributes and attributes.gender else None,
+            emotion=attributes.emotion.label if attributes and attributes.emotion else None,
+            known=state.known,
+        )
+    return labels
+
+
 def display_available() -> bool:
     """cv2.imshow aborts the whole process (Qt, SIGABRT) without a display, so ask before opening one."""
     if sys.platform.startswith("linux"):

@@ -5,49 +5,34 @@ at its high-water mark instead of slowing anyone down (libzmq drops per subscrib
 not cost the others anything). Subscribers see such losses as jumps in `seq`.
 
 Privacy is enforced here and nowhere else: crops and embeddings leave the process only when the user turned
-them on, whatever the caller passes in.
+them on, whatever the caller passes in. The socket itself comes from `streamer.sockets`: beyond loopback it
+is a CURVE server (encrypted, only listed subscriber keys get in), and without keys it binds loopback only.
 """
 
 from __future__ import annotations
 
-import errno
 import logging
 import threading
-from enum import IntEnum
+from pathlib import Path
 from types import TracebackType
 from typing import Final
 
-import cv2
 import numpy as np
 import zmq
 
-from streamer.errors import ConfigError
+from streamer.imaging import encode_jpeg
 from streamer.publish.events import Event, FaceEvent, Identity, WireMessage
+from streamer.sockets import ServerKeys, SocketDefaults, SocketKind, bound_endpoint, make_socket
 
 log = logging.getLogger(__name__)
 
 _MORE: Final = int(zmq.NOBLOCK | zmq.SNDMORE)
 _LAST: Final = int(zmq.NOBLOCK)
 
+# The old name, kept so existing imports keep working: every socket default now lives in streamer.sockets.
+ZmqDefaults = SocketDefaults
 
-class SocketKind(IntEnum):
-    PUB = zmq.PUB
-    SUB = zmq.SUB
-
-
-class ZmqDefaults:
-    """Socket settings in one place, so publisher and subscriber agree and tests can shrink them."""
-
-    SNDHWM: Final = 10_000  # messages queued per subscriber before that subscriber starts losing them
-    RCVHWM: Final = 10_000
-    # Long enough for the last events (stream ended) to reach a live subscriber at shutdown, short enough
-    # that a dead one cannot hang the exit.
-    PUB_LINGER_MS: Final = 500
-    SUB_LINGER_MS: Final = 0
-    RECEIVE_TIMEOUT_MS: Final = 1_000
-    # Waits are cut into slices this long so Ctrl-C is honoured promptly.
-    POLL_SLICE_MS: Final = 200
-    JPEG_QUALITY: Final = 90
+__all__ = ["EventPublisher", "SocketKind", "ZmqDefaults"]
 
 
 class EventPublisher:
@@ -56,34 +41,41 @@ class EventPublisher:
     def __init__(
         self,
         endpoint: str,
-        sndhwm: int = ZmqDefaults.SNDHWM,
+        sndhwm: int = SocketDefaults.SNDHWM,
         include_crops: bool = False,
         include_embeddings: bool = False,
         *,
-        linger_ms: int = ZmqDefaults.PUB_LINGER_MS,
+        linger_ms: int = SocketDefaults.PUB_LINGER_MS,
         context: zmq.Context | None = None,
+        keys: ServerKeys | Path | str | None = None,
     ) -> None:
+        """`keys`: CURVE server keys (or the `publish.keys` folder to load them from); required to bind
+        beyond loopback, and then only subscribers whose key is in the folder's clients/ get events."""
         if sndhwm < 1:
             raise ValueError(f"sndhwm: expected >= 1, got {sndhwm}")
+        if keys is not None and not isinstance(keys, ServerKeys):
+            keys = ServerKeys.load(keys, setting="publish.keys")
         self.include_crops = include_crops
         self.include_embeddings = include_embeddings
+        self.encrypted = keys is not None
         self.sent = 0  # messages handed to libzmq
         self.dropped = 0  # messages libzmq refused without blocking (none can be sent right now)
         self._seq = 0
         self._lock = threading.Lock()
         # The shared instance context lets inproc:// subscribers in this process reach us.
-        self._socket = (context or zmq.Context.instance()).socket(SocketKind.PUB)
-        self._socket.setsockopt(zmq.LINGER, linger_ms)
-        self._socket.setsockopt(zmq.SNDHWM, sndhwm)
-        try:
-            self._socket.bind(endpoint)
-        except zmq.ZMQError as exc:
-            self._socket.close(linger=0)
-            hint = " (another process is using it; pick another port)" if exc.errno == errno.EADDRINUSE else ""
-            raise ConfigError(f"publish.endpoint: cannot bind {endpoint!r}: {exc.strerror}{hint}") from None
-        self.endpoint: str = self._socket.getsockopt_string(zmq.LAST_ENDPOINT)
-        log.info("publishing events on %s (sndhwm=%d, crops=%s, embeddings=%s)",
-                 self.endpoint, sndhwm, include_crops, include_embeddings)
+        self._socket = make_socket(
+            context or zmq.Context.instance(),
+            SocketKind.PUB,
+            hwm=sndhwm,
+            bind=endpoint,
+            linger_ms=linger_ms,
+            max_message_bytes=SocketDefaults.SUBSCRIPTION_MAX_BYTES,
+            server_keys=keys,
+            setting="publish.endpoint",
+        )
+        self.endpoint: str = bound_endpoint(self._socket)
+        log.info("publishing events on %s (sndhwm=%d, crops=%s, embeddings=%s, curve=%s)",
+                 self.endpoint, sndhwm, include_crops, include_embeddings, self.encrypted)
 
     @property
     def seq(self) -> int:
@@ -137,12 +129,10 @@ class EventPublisher:
     def _jpeg(crop: np.ndarray | bytes) -> bytes:
         if isinstance(crop, (bytes, bytearray, memoryview)):
             return bytes(crop)
-        if crop.dtype != np.uint8 or crop.ndim not in (2, 3) or crop.size == 0:
-            raise ValueError(f"crop: expected a non-empty uint8 BGR image, got {crop.dtype} {crop.shape}")
-        ok, buffer = cv2.imencode(".jpg", crop, [cv2.IMWRITE_JPEG_QUALITY, ZmqDefaults.JPEG_QUALITY])
-        if not ok:
-            raise ValueError(f"crop: JPEG encoding failed for shape {crop.shape}")
-        return buffer.tobytes()
+        try:
+            return encode_jpeg(crop)
+        except ValueError as exc:
+            raise ValueError(f"crop: {exc}") from None
 
     def close(self) -> None:
         with self._lock:

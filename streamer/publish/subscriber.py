@@ -13,9 +13,8 @@ from typing import NamedTuple, TextIO
 
 import zmq
 
-from streamer.errors import ConfigError
 from streamer.publish.events import Event, parse_event
-from streamer.publish.publisher import SocketKind, ZmqDefaults
+from streamer.sockets import ClientKeys, SocketDefaults, SocketKind, make_socket
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +31,9 @@ class Received(NamedTuple):
 class EventSubscriber:
     """Connects a SUB socket to a publisher and yields validated events.
 
+    `keys`: CURVE client keys, needed for a publisher beyond loopback (it only lets listed keys in; without
+    them, or with an unlisted key, nothing ever arrives: receive() times out).
+
     Gap tracking: the publisher numbers every message it sends, whatever the topic, so only a subscriber
     that takes every topic (a "" prefix) can tell a lost message from a filtered one. With narrower
     prefixes `gaps` stays 0.
@@ -41,10 +43,11 @@ class EventSubscriber:
         self,
         endpoint: str,
         topics: Iterable[str | bytes] = ("",),
-        timeout_ms: int | None = ZmqDefaults.RECEIVE_TIMEOUT_MS,
+        timeout_ms: int | None = SocketDefaults.RECEIVE_TIMEOUT_MS,
         *,
-        rcvhwm: int = ZmqDefaults.RCVHWM,
+        rcvhwm: int = SocketDefaults.RCVHWM,
         context: zmq.Context | None = None,
+        keys: ClientKeys | None = None,
     ) -> None:
         prefixes = [t.encode() if isinstance(t, str) else bytes(t) for t in topics]
         if not prefixes:
@@ -59,16 +62,19 @@ class EventSubscriber:
         self.restarts = 0  # times seq went backwards (publisher restarted)
         self.gap_log: deque[tuple[int, int]] = deque(maxlen=MAX_GAP_LOG)  # (expected seq, received seq)
         self.last_seq: int | None = None
-        self._socket = (context or zmq.Context.instance()).socket(SocketKind.SUB)
-        self._socket.setsockopt(zmq.LINGER, ZmqDefaults.SUB_LINGER_MS)
-        self._socket.setsockopt(zmq.RCVHWM, rcvhwm)
-        for prefix in prefixes:
+        self.encrypted = keys is not None
+        self._socket = make_socket(
+            context or zmq.Context.instance(),
+            SocketKind.SUB,
+            hwm=rcvhwm,
+            linger_ms=SocketDefaults.SUB_LINGER_MS,
+            max_message_bytes=SocketDefaults.MAX_MESSAGE_BYTES,
+            client_keys=keys,
+            connect=endpoint,
+            setting="subscribe endpoint",
+        )
+        for prefix in prefixes:  # after connect is fine: libzmq sends them when the connection is up
             self._socket.setsockopt(zmq.SUBSCRIBE, prefix)
-        try:
-            self._socket.connect(endpoint)
-        except zmq.ZMQError as exc:
-            self._socket.close(linger=0)
-            raise ConfigError(f"subscribe endpoint: cannot connect to {endpoint!r}: {exc.strerror}") from None
 
     def receive_message(self, timeout_ms: int | None = -1) -> Received | None:
         """The next valid message, or None when none arrives within `timeout_ms`
@@ -77,7 +83,7 @@ class EventSubscriber:
             timeout_ms = self.timeout_ms
         deadline = None if timeout_ms is None else time.monotonic() + timeout_ms / 1000
         while True:
-            wait_ms = ZmqDefaults.POLL_SLICE_MS
+            wait_ms = SocketDefaults.POLL_SLICE_MS
             if deadline is not None:
                 wait_ms = max(0, min(wait_ms, math.ceil((deadline - time.monotonic()) * 1000)))
             if self._socket.poll(wait_ms, zmq.POLLIN):
@@ -149,18 +155,21 @@ class EventSubscriber:
 def print_events(
     endpoint: str,
     topic_prefixes: Iterable[str] = ("",),
-    out: TextIO = sys.stdout,
+    out: TextIO | None = None,
     count: int | None = None,
     timeout: float | None = None,
+    keys: ClientKeys | None = None,
 ) -> int:
     """Print events as `<topic> <json>` lines until `count` events were printed or none arrived for
-    `timeout` seconds (None: forever). Returns the number printed."""
+    `timeout` seconds (None: forever). Returns the number printed. `keys`: CURVE client keys for a
+    publisher beyond loopback."""
     if count is not None and count < 0:
         raise ValueError(f"count: expected >= 0 or None, got {count}")
     if timeout is not None and timeout < 0:
         raise ValueError(f"timeout: expected >= 0 seconds or None, got {timeout}")
+    out = sys.stdout if out is None else out  # looked up now, so a redirected sys.stdout is honoured
     printed = 0
-    with EventSubscriber(endpoint, tuple(topic_prefixes) or ("",)) as subscriber:
+    with EventSubscriber(endpoint, tuple(topic_prefixes) or ("",), keys=keys) as subscriber:
         while count is None or printed < count:
             message = subscriber.receive_message(None if timeout is None else int(timeout * 1000))
             if message is None:

@@ -8,13 +8,13 @@ times per track, not on every frame.
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import cv2
 import numpy as np
 
+from streamer.lru import LruDict
 from streamer.types import Faces
 
 if TYPE_CHECKING:
@@ -134,8 +134,8 @@ class InferenceGate:
             )
         self.warmup_refresh_s = float(warmup_refresh_s) if warmup_refresh_s is not None else self.refresh_s
         self.min_gap_s = float(warmup_refresh_s) if warmup_refresh_s is not None else 0.0
-        # Least recently seen first: a safety net if a caller forgets to call `forget`.
-        self._tracks: OrderedDict[int, _TrackState] = OrderedDict()
+        # Bounded: a safety net if a caller forgets to call `forget`.
+        self._tracks: LruDict[int, _TrackState] = LruDict(self.max_tracks)
 
     @classmethod
     def from_settings(cls, settings: RecognitionSettings) -> InferenceGate:
@@ -156,6 +156,8 @@ class InferenceGate:
         Untracked rows (track id -1) are never selected.
         """
         ids = faces.track_ids.tolist()
+        # `get` marks this frame's known tracks as recent before any new one is inserted, so inserting
+        # can only evict tracks not in this frame (unless one frame holds more than max_tracks).
         states = [self._tracks.get(tid) if tid >= 0 else None for tid in ids]
         # Rows whose track can still be inferred (not capped).
         open_rows = [
@@ -188,7 +190,7 @@ class InferenceGate:
             for (row, _, due), q in zip(candidates, quality.tolist()):
                 tid, state = ids[row], states[row]
                 if state is None:
-                    self._tracks[tid] = _TrackState(last_time=timestamp, best_quality=q, count=1)
+                    self._tracks.set(tid, _TrackState(last_time=timestamp, best_quality=q, count=1))
                 elif due or q >= state.best_quality * self.better_quality_ratio:
                     state.last_time = timestamp
                     state.best_quality = max(state.best_quality, q)
@@ -207,8 +209,6 @@ class InferenceGate:
         self._tracks.clear()
 
     def _touch(self, ids: list[int]) -> None:
+        # After the inserts, in row order: this frame's tracks, new or known, end up the most recent.
         for tid in ids:
-            if tid in self._tracks:
-                self._tracks.move_to_end(tid)
-        while len(self._tracks) > self.max_tracks:
-            self._tracks.popitem(last=False)
+            self._tracks.touch(tid)

@@ -1,0 +1,100 @@
+"""One stream inside the detect worker: its source, processor and recogniser, and the bookkeeping the
+supervisor needs about it (fps, connection history, status events)."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+
+from streamer.match.recogniser import TrackRecogniser
+from streamer.pipeline.messages import StreamStats
+from streamer.publish.events import Event, StreamStatus
+from streamer.sources.base import Source
+from streamer.track.processor import Step, StreamProcessor
+
+log = logging.getLogger(__name__)
+
+_HEALTH = {"idle": "connecting", "stopped": "ended"}  # reader states -> heartbeat statuses
+
+
+@dataclass
+class FpsMeter:
+    """Frames per second over windows of about a second."""
+
+    window_s: float = 1.0
+    fps: float = 0.0
+    _start: float = field(default_factory=time.monotonic)
+    _frames: int = 0
+
+    def tick(self, now: float) -> None:
+        self._frames += 1
+        if now - self._start >= self.window_s:
+            self.fps = self._frames / (now - self._start)
+            self._start, self._frames = now, 0
+
+    def current(self, now: float) -> float:
+        window = now - self._start
+        if not self.fps and self._frames and window > 0.2:  # before the first full window
+            return self._frames / window
+        return self.fps
+
+
+class StreamSlot:
+    def __init__(self, source: Source, processor: StreamProcessor, recogniser: TrackRecogniser) -> None:
+        self.id = processor.stream
+        self.source = source
+        self.processor = processor
+        self.recogniser = recogniser
+        self.fps = FpsMeter()
+        self.ended = False
+        self.connected_once = False
+        self.first_failure: str | None = None  # why the very first connection attempt failed
+        self.warned_unreachable = False
+
+    def apply(self, step: Step) -> list[Event]:
+        """Keep the recogniser's live tracks in step with the processor's; the step's events."""
+        for event in step.events:
+            if event.kind == "track.started":
+                self.recogniser.started(event.track)
+        for track in step.ended:
+            self.recogniser.ended(track)
+        return step.events
+
+    def status_events(self) -> list[Event]:
+        """Connection changes of the source as events; a lost source ends its tracks (a reconnect
+        restarts the stream clock, so coasting tracks would never match again)."""
+        events: list[Event] = []
+        for change in self.source.poll_status():
+            if change.status == "ended":
+                continue  # sent by end() after the last tracks have ended
+            events.append(StreamStatus(stream=self.id, status=change.status, detail=change.detail))
+            if change.status in ("connected", "reconnected"):
+                self.connected_once = True
+            elif change.status == "lost":
+                if not self.connected_once and self.first_failure is None:
+                    self.first_failure = change.detail
+                events.extend(self.apply(self.processor.end_all("source_lost")))
+        return events
+
+    def end(self, stopped: bool) -> list[Event]:
+        """Every remaining track ends, then the stream (once)."""
+        if self.ended:
+            return []
+        events = self.status_events()
+        events.extend(self.apply(self.processor.end_all("stopped" if stopped else "end_of_input")))
+        events.append(StreamStatus(stream=self.id, status="ended", detail="stopped" if stopped else "end of input"))
+        self.ended = True
+        return events
+
+    def stats(self, now: float) -> StreamStats:
+        stats = self.source.stats
+        return StreamStats(
+            fps=round(self.fps.current(now), 2),
+            frames=self.processor.frames,
+            dropped=int(stats.dropped),
+            status="ended" if self.ended else _HEALTH.get(stats.status, stats.status),
+            reconnects=int(stats.reconnects),
+            total_frames=self.source.total_frames,
+            next_track_id=self.processor.next_track_id,
+        )

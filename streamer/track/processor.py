@@ -1,0 +1,201 @@
+"""One stream's frame-by-frame work: scene cut, detect, track, gate. Out come track events and the chips
+that need inference; no sockets, no threads, no models of its own (the detector and the chip preparer
+are handed in), so it is tested with synthetic frames.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from streamer.publish.events import Event, TrackEnded, TrackEndReason, TrackStarted, TrackUpdated
+from streamer.track.bytetrack import ByteTracker, IdCounter, TrackInfo
+from streamer.track.gate import InferenceGate
+from streamer.track.scenecut import SceneCutDetector
+from streamer.types import Faces, Frame, rounded_box
+
+Prepare = Callable[[np.ndarray, Faces], Mapping[str, np.ndarray]]
+
+
+class Detects:
+    """What the processor needs of a detector (streamer.detect.Detector satisfies it)."""
+
+    def detect(self, image_bgr: np.ndarray) -> Faces:  # pragma: no cover - protocol
+        raise NotImplementedError
+
+
+@dataclass(frozen=True, eq=False)
+class ChipBatch:
+    """Faces of one frame that need inference: their arrays plus what the results will be about."""
+
+    stream: str
+    frame: int
+    pts: float
+    decoded_at: float
+    tracks: tuple[int, ...]
+    boxes: np.ndarray  # (n, 4) float32, frame pixels
+    arrays: Mapping[str, np.ndarray]  # "chips" and one crop array per attribute head, n rows each
+
+    def __post_init__(self) -> None:
+        n = len(self.tracks)
+        if self.boxes.shape != (n, 4):
+            raise ValueError(f"ChipBatch: boxes must be ({n}, 4), got {self.boxes.shape}")
+        for name, array in self.arrays.items():
+            if len(array) != n:
+                raise ValueError(f"ChipBatch: {name} has {len(array)} rows for {n} tracks")
+
+    def __len__(self) -> int:
+        return len(self.tracks)
+
+
+@dataclass(frozen=True, eq=False)
+class Step:
+    """What one frame produced. `detections` / `tracked` are None on frames that were not detected on
+    (detector.interval > 1); drawing then reuses the last ones."""
+
+    events: list[Event] = field(default_factory=list)
+    chips: ChipBatch | None = None
+    ended: list[int] = field(default_factory=list)  # track ids that ended (their per-track state can go)
+    detections: Faces | None = None
+    tracked: Faces | None = None
+
+
+class StreamProcessor:
+    def __init__(
+        self,
+        stream_id: str,
+        detector: Detects,
+        prepare: Prepare,
+        *,
+        tracker: ByteTracker,
+        gate: InferenceGate,
+        scene_cuts: SceneCutDetector | None = None,
+        interval: int = 1,
+        track_update_s: float = 1.0,
+    ) -> None:
+        if interval < 1:
+            raise ValueError(f"StreamProcessor: interval must be >= 1, got {interval}")
+        self.stream = stream_id
+        self.detector = detector
+        self.prepare = prepare
+        self.tracker = tracker
+        self.gate = gate
+        self.scene_cuts = scene_cuts
+        self.interval = int(interval)
+        self.track_update_s = float(track_update_s)
+        self.frames = 0
+        self.last_frame: Frame | None = None
+        # The last frame's detections (all, and those of confirmed tracks), for drawing in-between frames.
+        self.last_detections: Faces | None = None
+        self.last_tracked: Faces | None = None
+        self._last_update: dict[int, float] = {}  # track -> pts of its last track.started/updated event
+
+    @classmethod
+    def from_settings(
+        cls, stream_id: str, settings, detector: Detects, prepare: Prepare, *, first_track_id: int = 1  # noqa: ANN001
+    ) -> StreamProcessor:
+        """`first_track_id`: where this stream's ids start (a restarted worker continues past the old ones)."""
+        threshold = settings.tracker.scene_cut_threshold
+        return cls(
+            stream_id,
+            detector,
+            prepare,
+            tracker=ByteTracker.from_settings(settings.tracker, IdCounter(first_track_id)),
+            gate=InferenceGate.from_settings(settings.recognition),
+            scene_cuts=SceneCutDetector(threshold) if threshold > 0 else None,
+            interval=settings.detector.interval,
+            track_update_s=settings.publish.track_update_s,
+        )
+
+    @property
+    def live_tracks(self) -> list[int]:
+        return [int(t) for t in self.tracker.active_ids]
+
+    @property
+    def next_track_id(self) -> int:
+        return self.tracker.ids.peek
+
+    def process(self, frame: Frame) -> Step:
+        self.last_frame = frame
+        index = self.frames
+        self.frames += 1
+        # With interval > 1 the frames in between are only counted (and drawn with the last boxes): the
+        # tracker sees every n-th frame as consecutive steps.
+        if index % self.interval:
+            return Step()
+        events: list[Event] = []
+        ended: list[int] = []
+        if self.scene_cuts is not None and self.scene_cuts.is_cut(frame.image):
+            # A new shot: the faces before the cut are gone, whatever the motion model predicts.
+            self._end(self.tracker.flush(), "scene_cut", events, ended)
+        detections = self.detector.detect(frame.image)
+        update = self.tracker.update(detections, frame.index, frame.pts)
+        for info in update.started:
+            self._last_update[info.track_id] = frame.pts
+            events.append(TrackStarted(stream=self.stream, frame=frame.index, pts=frame.pts, track=info.track_id,
+                                       box=rounded_box(info.box)))
+        self._end(update.ended, "left", events, ended)
+        faces = update.faces
+        events.extend(self._updates(frame, faces))
+        rows = self.gate.select(frame.image, faces, frame.pts)
+        chips = None
+        if len(rows):
+            chosen = faces[rows]
+            chips = ChipBatch(
+                stream=self.stream,
+                frame=frame.index,
+                pts=frame.pts,
+                decoded_at=frame.decoded_at,
+                tracks=tuple(int(t) for t in chosen.track_ids),
+                boxes=chosen.boxes,
+                arrays=dict(self.prepare(frame.image, chosen)),
+            )
+        self.last_detections, self.last_tracked = detections, faces
+        return Step(events=events, chips=chips, ended=ended, detections=detections, tracked=faces)
+
+    def end_all(self, reason: TrackEndReason) -> Step:
+        """End every live track (source lost, end of input, stop); the stream may go on afterwards."""
+        events: list[Event] = []
+        ended: list[int] = []
+        self._end(self.tracker.flush(), reason, events, ended)
+        if self.scene_cuts is not None:
+            self.scene_cuts.reset()
+        return Step(events=events, ended=ended)
+
+    def _updates(self, frame: Frame, faces: Faces) -> list[Event]:
+        if self.track_update_s <= 0:
+            return []
+        out: list[Event] = []
+        for row, track in enumerate(faces.track_ids.tolist()):
+            last = self._last_update.get(track)
+            if last is None:
+                self._last_update[track] = frame.pts
+            elif frame.pts - last >= self.track_update_s or frame.pts < last:  # < : the clock restarted
+                self._last_update[track] = frame.pts
+                out.append(TrackUpdated(stream=self.stream, frame=frame.index, pts=frame.pts, track=track,
+                                        box=rounded_box(faces.boxes[row])))
+        return out
+
+    def _end(
+        self, infos: list[TrackInfo], reason: TrackEndReason, events: list[Event], ended: list[int]
+    ) -> None:
+        for info in infos:
+            events.append(
+                TrackEnded(
+                    stream=self.stream,
+                    # about the track's last sighting, not the frame that noticed it was gone
+                    frame=info.last_frame,
+                    pts=info.last_timestamp,
+                    track=info.track_id,
+                    box=rounded_box(info.box),
+                    duration=max(0.0, float(info.duration_s)),
+                    frames=int(info.frames_seen),
+                    reason=reason,
+                )
+            )
+            ended.append(info.track_id)
+            self._last_update.pop(info.track_id, None)
+        if ended:
+            self.gate.forget(ended)
