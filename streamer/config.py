@@ -78,6 +78,7 @@ class SourceSettings(_Section):
     live: bool | None = None  # None: decided from the URL (rtsp/http/webcam/lavfi are live)
     fps: float | None = Field(None, gt=0, description="sample a file to this rate; None = every frame")
     loop: bool = False  # replay a file forever (demos)
+    max_frames: int | None = Field(None, gt=0, description="stop after this many frames; None = no limit")
 
     @field_validator("id")
     @classmethod

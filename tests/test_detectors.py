@@ -313,8 +313,8 @@ def assert_same_faces(got: Faces, want: Faces, label: str) -> None:
         # Pair by overlap, not by rank: two faces with near-equal scores may swap places.
         match = int(np.argmax([iou(box, other) for other in got.boxes]))
         assert iou(box, got.boxes[match]) > 0.98, (label, box, got.boxes[match])
-        np.testing.assert_allclose(got.boxes[match], box, atol=1.0, err_msg=label)
-        np.testing.assert_allclose(got.landmarks[match], points, atol=1.0, err_msg=label)
+        np.testing.assert_allclose(got.boxes[match], box, atol=1e-2, err_msg=label)
+        np.testing.assert_allclose(got.landmarks[match], points, atol=1e-2, err_msg=label)
         assert abs(float(got.scores[match]) - float(score)) < 1e-3, label
 
 

@@ -255,15 +255,26 @@ def test_crashed_workers_are_reported_and_restarted(env, tmp_path):
     time.sleep(1.0)
     run.wait_for(lambda e: e.kind in ("attributes", "identity"), 120, "attributes after the inference worker was killed")
 
+    run.wait_for(lambda e: e.kind == "track.started", 60, "a live track before the detect worker dies")
+    live_before = {e.track for e in run.events if e.kind == "track.started"} - {
+        e.track for e in run.events if e.kind == "track.ended"}
+    assert live_before
     os.kill(pids["detect"], signal.SIGKILL)
     run.wait_for(lambda e: e.kind == "stream.status" and e.status == "lost" and "crashed" in e.detail, 30,
                  "the crash reported")
+    crash_at = len(run.events)
+    orphans = {e.track for e in run.events if e.kind == "track.ended" and e.reason == "worker_restart"}
+    assert orphans == live_before, "every track live at the crash ends, with the reason"
     run.wait_for(lambda e: e.kind == "stream.status" and e.status == "connected", 60, "the restarted reader")
     run.wait_for(lambda e: e.kind == "track.started", 60, "tracks after the restart")
     os.set_blocking(run.process.stderr.fileno(), True)
     assert run.stop(signal.SIGINT) == 0
     seqs = [e.seq for e in run.events]
     assert seqs == list(range(1, len(seqs) + 1)), "a worker restart must not reset or skip seq"
+    before = {e.track for e in run.events[:crash_at] if e.kind == "track.started"}
+    after = {e.track for e in run.events[crash_at:] if e.kind == "track.started"}
+    assert after and not before & after and min(after) > max(before), "track ids are never reused in a run"
+    check_stream_invariants(run)
 
 
 def test_rtsp_server_killed_and_restarted(env):
@@ -321,6 +332,59 @@ def test_bad_settings_fail_at_start_naming_the_setting(env, tmp_path):
                             capture_output=True, text=True, env=env, timeout=120)
     assert result.returncode != 0 and "Traceback" not in result.stderr
     assert "/nonexistent/clip.mp4" in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_missing_model_is_one_line_before_any_worker_starts(env, tmp_path):
+    empty = tmp_path / "no-models"
+    empty.mkdir()
+    result = subprocess.run(
+        [sys.executable, "-m", "streamer", "run", str(SAMPLE), "-q", "-v"],
+        capture_output=True, text=True, timeout=120,
+        env={**env, "STREAMER_MODEL_DIR": str(empty), "STREAMER_MODELS__CACHE_DIR": str(tmp_path / "cache")},
+    )
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    assert "yunet" in result.stderr and "started" not in result.stderr  # no worker was spawned
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+
+
+def test_inference_worker_that_cannot_start_is_one_line(env, tmp_path):
+    bad = tmp_path / "not-onnx.onnx"
+    bad.write_bytes(b"not a model")
+    # The file exists (so the pre-flight resolve passes) but the inference worker cannot load it.
+    paths = json.dumps({"emotion": str(bad)})
+    result = subprocess.run([sys.executable, "-m", "streamer", "run", str(SAMPLE), "-q"], capture_output=True,
+                            text=True, timeout=180, env={**env, "STREAMER_MODELS__PATHS": paths})
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr and "restarting" not in result.stderr, result.stderr
+    assert "emotion" in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.stderr
+
+
+def test_remote_inference_worker_with_curve_keys(env, lin_gallery, tmp_path):
+    keys = tmp_path / "keys"
+    subprocess.run([sys.executable, "-m", "streamer", "keys", "generate", str(keys), "--client", "cam"],
+                   check=True, env=env, capture_output=True, timeout=60)
+    port = free_endpoint().rsplit(":", 1)[1]
+    worker = subprocess.Popen([sys.executable, "-m", "streamer", "inference-worker", "--bind", f"tcp://*:{port}",
+                               "--keys", str(keys)], env=env, stderr=subprocess.PIPE, text=True)
+    try:
+        client = {**env, "STREAMER_INFERENCE__ENDPOINT": f"tcp://127.0.0.1:{port}",
+                  "STREAMER_INFERENCE__SERVER_KEY": str(keys / "server.key"),
+                  "STREAMER_INFERENCE__CLIENT_KEY": str(keys / "clients" / "cam.key_secret")}
+        run = Run([str(SAMPLE), "--gallery", str(lin_gallery)], client)
+        assert run.finish() == 0, run.stderr
+        assert {e.name for e in run.events if e.kind == "identity"} == {"Eileen Collins"}
+        # A host without a listed key gets nothing: its faces are never recognised.
+        outsider = tmp_path / "outsider"
+        subprocess.run([sys.executable, "-m", "streamer", "keys", "generate", str(outsider)], check=True, env=env,
+                       capture_output=True, timeout=60)
+        stranger = {**client, "STREAMER_INFERENCE__CLIENT_KEY": str(outsider / "clients" / "client.key_secret")}
+        run = Run([str(SAMPLE), "--gallery", str(lin_gallery)], {**stranger, "STREAMER_PUBLISH__HEARTBEAT_S": "1"})
+        run.finish()
+        assert not [e for e in run.events if e.kind in ("identity", "attributes")]
+        assert worker.poll() is None, "the worker keeps serving"
+    finally:
+        worker.send_signal(signal.SIGTERM)
+        assert worker.wait(timeout=30) == 0
 
 
 def test_remote_inference_worker_serves_a_run(env, lin_gallery):

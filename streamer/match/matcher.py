@@ -152,3 +152,14 @@ class Matcher:
         nearest = np.argsort(row, kind="stable")[:k]
         scores = self.score(row[nearest])
         return [Match(people[j], float(row[j]), float(s)) for j, s in zip(nearest.tolist(), scores.tolist())]
+
+
+def open_matcher(path, spec) -> tuple[Gallery | None, Matcher | None]:  # noqa: ANN001
+    """The gallery at `path` (read-only, never created) and a matcher for embedder `spec`; (None, None)
+    without a gallery: every face is then unknown."""
+    if path is None:
+        return None, None
+    from pathlib import Path
+
+    gallery = Gallery(Path(path), create=False, readonly=True)
+    return gallery, Matcher(gallery, spec.id, spec.metric, spec.threshold)

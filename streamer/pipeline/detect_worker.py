@@ -13,17 +13,19 @@ import signal
 import sys
 import time
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
+import numpy as np
 import zmq
 
 from streamer.config import Settings
-from streamer.errors import SourceError, StreamerError
+from streamer.errors import StreamerError
 from streamer.pipeline.inference_client import InferenceClient
 from streamer.pipeline.messages import WorkerStats, control_frames, event_frames
+from streamer.match.matcher import open_matcher
 from streamer.pipeline.slot import StreamSlot
 from streamer.publish.events import Event
+from streamer.publish.output import AnnotatedOutput, face_labels
 from streamer.sockets import SocketDefaults, SocketKind, make_socket
 
 log = logging.getLogger(__name__)
@@ -41,20 +43,14 @@ class DetectWorker:
         self.running = True
         models = ModelFactory(settings)
         self.detector = models.detector(for_tracking=True)
-        self.detector.detect(_blank_frame())  # first-run setup now, not on frame 1
+        self.detector.detect(np.zeros((720, 1280, 3), np.uint8))  # first-run setup now, not on frame 1
         spec = models.embedder_spec
         self.chips = ChipPreparer(spec, settings.attributes.enabled)
-        self.gallery, self.matcher = _open_matcher(settings, spec)
+        self.gallery, self.matcher = open_matcher(settings.gallery.path, spec)
         context = context or zmq.Context.instance()
-        self.client = InferenceClient(
-            inference_endpoint, embedder=spec.id, sha256=models.embedder_sha256, heads=self.chips.heads,
-            chip_size=spec.chip_size, embedding_dim=spec.dim, include_crops=settings.publish.include_crops,
-            keys=_client_keys(settings), context=context,
-        )
+        self.client = InferenceClient.from_settings(settings, models, inference_endpoint, context=context)
         self.events = make_socket(context, SocketKind.PUSH, hwm=SocketDefaults.EVENT_HWM, connect=events_endpoint)
         self.control = make_socket(context, SocketKind.PUSH, hwm=SocketDefaults.EVENT_HWM, connect=control_endpoint)
-        from streamer.publish.output import AnnotatedOutput
-
         self.output = AnnotatedOutput(settings.output, len(settings.sources))
         self.first_track_ids = dict(first_track_ids or {})
         self.slots: list[StreamSlot] = []
@@ -113,8 +109,6 @@ class DetectWorker:
         if step.chips is not None:
             self.client.submit(step.chips, frame.image, live=slot.source.live)
         if self.output.active and slot.processor.last_detections is not None:
-            from streamer.publish.output import face_labels
-
             tracked = slot.processor.last_tracked
             if not self.output.render(slot.id, frame, slot.processor.last_detections, tracked,
                                       face_labels(slot.recogniser.tracks), slot.source.frame_rate):
@@ -132,17 +126,9 @@ class DetectWorker:
                 self._send([event], answered.batch.decoded_at, crop)
 
     def _check_reachable(self) -> None:
-        unreachable = [s for s in self.slots if s.first_failure is not None and not s.connected_once]
-        exiting = self.settings.reconnect.exit_if_none_connect and len(unreachable) == len(self.slots)
-        if exiting and self.slots:
-            reasons = "; ".join(f"{s.id} ({s.source.url}): {s.first_failure}" for s in unreachable)
-            raise SourceError(f"cannot connect to any source: {reasons} "
-                              "(set reconnect.exit_if_none_connect=false to keep retrying)")
-        for slot in unreachable:
-            if not slot.warned_unreachable:
-                slot.warned_unreachable = True
-                log.warning("source %s: cannot connect to %s (%s); retrying", slot.id, slot.source.url,
-                            slot.first_failure)
+        from streamer.pipeline.slot import check_reachable
+
+        check_reachable(self.slots, exit_if_none_connect=self.settings.reconnect.exit_if_none_connect)
 
     def _drain(self) -> None:
         """Wait for in-flight inference, then end every track and stream cleanly."""
@@ -188,31 +174,6 @@ class DetectWorker:
             self.control.send_multipart(control_frames(stats), zmq.NOBLOCK)
         except zmq.Again:
             pass  # the next one carries the same totals
-
-
-def _blank_frame():  # noqa: ANN202
-    import numpy as np
-
-    return np.zeros((720, 1280, 3), np.uint8)
-
-
-def _open_matcher(settings: Settings, spec: Any) -> tuple[Any, Any]:
-    if settings.gallery.path is None:
-        return None, None
-    from streamer.match.gallery import Gallery
-    from streamer.match.matcher import Matcher
-
-    gallery = Gallery(Path(settings.gallery.path), create=False, readonly=True)
-    return gallery, Matcher(gallery, spec.id, spec.metric, spec.threshold)
-
-
-def _client_keys(settings: Settings) -> Any:
-    inference = settings.inference
-    if inference.server_key is None:
-        return None
-    from streamer.sockets import ClientKeys
-
-    return ClientKeys.load(inference.client_key, inference.server_key)
 
 
 def detect_main(settings_data: dict[str, Any], inference_endpoint: str, events_endpoint: str, control_endpoint: str,

@@ -99,6 +99,19 @@ class InferenceClient:
         self.last_answer_at: float | None = None
         self.socket.send_multipart(Hello(embedder, sha256, self.heads).to_frames(), zmq.NOBLOCK)
 
+    @classmethod
+    def from_settings(cls, settings, models, endpoint: str, *, context: zmq.Context | None = None) -> InferenceClient:  # noqa: ANN001
+        """For `settings` (keys, crops) and the embedder of `models` (a ModelFactory)."""
+        spec = models.embedder_spec
+        keys = None
+        if settings.inference.server_key is not None:
+            from streamer.sockets import ClientKeys
+
+            keys = ClientKeys.load(settings.inference.client_key, settings.inference.server_key)
+        return cls(endpoint, embedder=spec.id, sha256=models.embedder_sha256, heads=settings.attributes.enabled,
+                   chip_size=spec.chip_size, embedding_dim=spec.dim, include_crops=settings.publish.include_crops,
+                   keys=keys, context=context)
+
     @property
     def pending(self) -> int:
         return len(self._pending)

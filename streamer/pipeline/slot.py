@@ -7,6 +7,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 
+from streamer.errors import SourceError
 from streamer.match.recogniser import TrackRecogniser
 from streamer.pipeline.messages import StreamStats
 from streamer.publish.events import Event, StreamStatus
@@ -98,3 +99,17 @@ class StreamSlot:
             total_frames=self.source.total_frames,
             next_track_id=self.processor.next_track_id,
         )
+
+
+def check_reachable(slots: list[StreamSlot], *, exit_if_none_connect: bool) -> None:
+    """At start-up, not one source connecting most likely means a wrong address: SourceError naming each
+    (unless told to keep retrying). Otherwise warn once per source that has not connected yet."""
+    unreachable = [s for s in slots if s.first_failure is not None and not s.connected_once]
+    if exit_if_none_connect and slots and len(unreachable) == len(slots):
+        reasons = "; ".join(f"{s.id} ({s.source.url}): {s.first_failure}" for s in unreachable)
+        raise SourceError(f"cannot connect to any source: {reasons} "
+                          "(set reconnect.exit_if_none_connect=false to keep retrying)")
+    for slot in unreachable:
+        if not slot.warned_unreachable:
+            slot.warned_unreachable = True
+            log.warning("source %s: cannot connect to %s (%s); retrying", slot.id, slot.source.url, slot.first_failure)

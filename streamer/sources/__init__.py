@@ -89,7 +89,8 @@ def open_source(settings: SourceSettings, stream_id: str, reconnect: ReconnectSe
         raise SourceError(f"source {stream_id}: video file {parsed.target} does not exist")
     if parsed.kind == "webcam":
         return WebcamSource(
-            stream_id, settings.url, device=int(parsed.target), live=live, reconnect=reconnect, fps=settings.fps
+            stream_id, settings.url, device=int(parsed.target), live=live, reconnect=reconnect, fps=settings.fps,
+            max_frames=settings.max_frames,
         )
     return PyAVSource(
         stream_id,
@@ -100,4 +101,5 @@ def open_source(settings: SourceSettings, stream_id: str, reconnect: ReconnectSe
         reconnect=reconnect,
         fps=settings.fps,
         loop=settings.loop,
+        max_frames=settings.max_frames,
     )

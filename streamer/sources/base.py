@@ -6,7 +6,8 @@ owns the thread, the frame buffer, status events, the frame-age watchdog and rec
 - live sources keep one slot, newest frame wins, every overwritten unread frame is counted as dropped;
 - files go through a small bounded queue: the reader blocks (backpressure) and `stop()` unblocks it;
 - a live source that hits end of stream, an error, a failed open or a frame-age timeout reports "lost",
-  retries forever with capped exponential backoff, and reports "reconnected" when frames can flow again.
+  retries forever with capped exponential backoff, and reports "reconnected" when frames can flow again;
+- `max_frames` ends any source (file or live, "ended", no reconnect) once it has produced that many frames.
 """
 
 from __future__ import annotations
@@ -195,13 +196,17 @@ class ThreadedSource(Source, Generic[H]):
         live: bool,
         reconnect: ReconnectSettings | None = None,
         loop: bool = False,
+        max_frames: int | None = None,
     ) -> None:
         if not stream_id:
             raise ValueError("source id: expected a non-empty string, got ''")
+        if max_frames is not None and max_frames < 1:
+            raise ValueError(f"source max_frames: expected >= 1 or None, got {max_frames}")
         self.id = stream_id
         self.url = url
         self.live = live
         self.loop = loop
+        self.max_frames = max_frames
         self.reconnect = reconnect or ReconnectSettings()
         self._buffer = _FrameBuffer(1 if live else self.queue_size, overwrite=live)
         self._stop = threading.Event()
@@ -341,6 +346,8 @@ class ThreadedSource(Source, Generic[H]):
         detail = "end of file"
         try:
             self._pump(handle, generation=self._generation)
+            if self._reached_max_frames:
+                detail = f"reached max_frames ({self.max_frames})"
         except _Lost:
             pass
         except Exception as exc:  # a damaged file ends early but visibly
@@ -378,27 +385,42 @@ class ThreadedSource(Source, Generic[H]):
                 self._close_quietly(handle)
             if self._stop.is_set():
                 return
+            if self._reached_max_frames:  # done by design: not a loss, nothing to reconnect to
+                self._emit("ended", f"reached max_frames ({self.max_frames})")
+                self._set_state("ended")
+                return
             self._lost(detail)
             if self._frames > produced:  # a connection that opens but never delivers keeps backing off
                 delays = backoff_delays(self.reconnect)
             if self._stop.wait(next(delays)):
                 return
 
+    @property
+    def _reached_max_frames(self) -> bool:
+        with self._lock:
+            return self.max_frames is not None and self._frames >= self.max_frames
+
     def _pump(self, handle: H, generation: int) -> None:
-        """Move frames from the backend into the buffer until end of stream, an error or stop."""
-        for raw in self._iterate(handle):
-            if self._stop.is_set():
-                return
-            with self._lock:
-                if generation == self._dead_generation:
-                    raise _Lost
-                index = self._frames
-                self._frames += 1
-                self._last_frame_at = raw.decoded_at
-                self._recent.append(raw.decoded_at)
-            frame = Frame(self.id, index, raw.pts, raw.decoded_at, raw.image)
-            if not self._buffer.put(frame):
-                return
+        """Move frames from the backend into the buffer until end of stream, an error, stop or max_frames."""
+        if self._reached_max_frames:
+            return
+        raws = self._iterate(handle)
+        try:
+            for raw in raws:
+                if self._stop.is_set():
+                    return
+                with self._lock:
+                    if generation == self._dead_generation:
+                        raise _Lost
+                    index = self._frames
+                    self._frames += 1
+                    self._last_frame_at = raw.decoded_at
+                    self._recent.append(raw.decoded_at)
+                frame = Frame(self.id, index, raw.pts, raw.decoded_at, raw.image)
+                if not self._buffer.put(frame) or self._reached_max_frames:
+                    return
+        finally:
+            raws.close()  # a generator left at max_frames lets go of the backend before its handle closes
 
     def _connected(self) -> int:
         with self._lock:

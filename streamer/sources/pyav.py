@@ -53,6 +53,7 @@ class PyAVSource(ThreadedSource[_Handle]):
            e.g. "testsrc2=size=1280x720:rate=30").
     fps    sample to this rate by pts (None: every frame).
     loop   files: replay from the start at the end (pts keep increasing across replays).
+    max_frames  end after delivering this many frames (after fps sampling; loops included).
     pace   deliver frames at their pts rate in wall time. Default: on for live files and lavfi, which
            FFmpeg otherwise produces as fast as it can; network streams pace themselves.
     """
@@ -69,12 +70,13 @@ class PyAVSource(ThreadedSource[_Handle]):
         fps: float | None = None,
         loop: bool = False,
         pace: bool | None = None,
+        max_frames: int | None = None,
     ) -> None:
         if kind not in ("file", "rtsp", "http", "lavfi"):
             raise ValueError(f"PyAVSource kind: expected file, rtsp, http or lavfi, got {kind!r}")
         if fps is not None and fps <= 0:
             raise ValueError(f"PyAVSource fps: expected > 0 or None, got {fps}")
-        super().__init__(stream_id, url, live=live, reconnect=reconnect, loop=loop)
+        super().__init__(stream_id, url, live=live, reconnect=reconnect, loop=loop, max_frames=max_frames)
         self.kind = kind
         self.target = target  # what av.open gets: a path, a URL or a filter graph
         self.fps = fps
@@ -128,6 +130,8 @@ class PyAVSource(ThreadedSource[_Handle]):
         if self.kind == "file" and not self.loop and stream.frames:
             duration_s = stream.frames / handle.rate if handle.rate else None
             self.total_frames = int(stream.frames if not self.fps or not duration_s else duration_s * self.fps)
+            if self.max_frames is not None:
+                self.total_frames = min(self.total_frames, self.max_frames)
         if self.kind == "file" or not self.live:
             self._probe(handle)
         log.info(

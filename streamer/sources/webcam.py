@@ -31,12 +31,13 @@ class WebcamSource(ThreadedSource[cv2.VideoCapture]):
         live: bool = True,
         reconnect: ReconnectSettings | None = None,
         fps: float | None = None,
+        max_frames: int | None = None,
     ) -> None:
         if isinstance(device, int) and device < 0:
             raise ValueError(f"webcam index: expected >= 0, got {device}")
         if fps is not None and fps <= 0:
             raise ValueError(f"WebcamSource fps: expected > 0 or None, got {fps}")
-        super().__init__(stream_id, url, live=live, reconnect=reconnect)
+        super().__init__(stream_id, url, live=live, reconnect=reconnect, max_frames=max_frames)
         self.device = device
         self.fps = fps
         self._clock_start = time.monotonic()
