@@ -42,7 +42,11 @@ class ModelSettings(_Section):
 
 class RuntimeSettings(_Section):
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    threads: int = Field(0, ge=0, description="onnxruntime intra-op threads per session; 0 = all cores")
+    threads: int = Field(
+        0, ge=0, le=256,
+        description="onnxruntime intra-op threads per session, detectors included; 0 = onnxruntime's choice for "
+        "the inference models and 1 for the detector (it shares its process with decoding)",
+    )
 
 
 class DetectorSettings(_Section):

@@ -252,13 +252,14 @@ def from_frames(frames: Sequence[Any], limits: Limits = Limits()) -> Message:
     if not isinstance(data, dict):
         raise ProtocolError("header is not a JSON object")
     kind = data.get("type")
-    if kind not in _HEADERS or kind not in limits.accept:
+    if not isinstance(kind, str) or kind not in _HEADERS or kind not in limits.accept:  # a list is unhashable
         raise ProtocolError(f"unexpected message type {str(kind)[:40]!r}")
     try:
         header = _HEADERS[kind].model_validate(data)
     except ValidationError as exc:
         first = exc.errors()[0]
         where = ".".join(str(p) for p in first["loc"]) or "header"
+        where = "".join(c if c.isprintable() else "?" for c in where[:64])  # a key the peer chose: one short line
         raise ProtocolError(f"{kind} header: {where}: {first['msg']}") from None
     if isinstance(header, _HelloHeader) and not isinstance(header, _WelcomeHeader):
         _no_buffers(frames, kind)
