@@ -70,12 +70,13 @@ def test_max_frames_must_be_positive(bad):
 
 # -- the bench ----------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def bench(model_dir) -> dict:
+def bench(model_dir, cache_dir) -> dict:
     """`streamer bench SAMPLE --frames 40 --json`, in this process (its workers are real processes)."""
     from streamer.cli import main
 
     with pytest.MonkeyPatch.context() as patch:
         captured: list[str] = []
+        patch.setenv("STREAMER_MODELS__CACHE_DIR", str(cache_dir))  # the session's conversions, not ~/.cache
         patch.setattr("streamer.cli._emit", lambda obj: captured.append(json.dumps(obj)))
         code = main(["bench", str(SAMPLE), "--frames", str(FRAMES), "--json", "--model-dir", str(model_dir)])
     assert code == 0
@@ -134,6 +135,13 @@ def test_text_report_labels_the_baselines(bench):
     assert "FaceAnalysis.get" in text and "serial, tracked + gated" in text
     assert "(batching + the second process)" in text and "(tracking + gating)" in text
     assert "identity + attributes" in text and "track events" in text
+
+
+def test_text_report_without_live_pass_shows_the_file_pass_latency(bench):
+    from streamer.pipeline.bench import format_report
+
+    text = format_report({**bench, "passes": {**bench["passes"], "live": None}})
+    assert "latency, file pass" in text and "live camera" not in text
 
 
 def test_frames_must_be_positive(capsys):

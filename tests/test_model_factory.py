@@ -6,7 +6,8 @@ import pytest
 
 from streamer.config import Settings
 from streamer.errors import ModelError
-from streamer.models.factory import ModelFactory, file_sha256
+from streamer.models.factory import ModelFactory
+from streamer.models.registry import sha256_of
 
 
 def threads(model) -> int:
@@ -47,7 +48,7 @@ def test_embedder_spec_and_hash_without_a_session(settings_for):
     factory = ModelFactory(settings_for())
     spec = factory.embedder_spec
     assert spec.metric == "euclidean" and spec.chip_size == 150
-    assert factory.embedder_sha256 == file_sha256(factory.embedder_path) and len(factory.embedder_sha256) == 64
+    assert factory.embedder_sha256 == sha256_of(factory.embedder_path) and len(factory.embedder_sha256) == 64
 
 
 def test_resolve_all_fails_with_one_line_naming_the_model(tmp_path):

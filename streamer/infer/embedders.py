@@ -15,7 +15,6 @@ distance). `create_embedder` / `embedder_spec` resolve names through the model r
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
@@ -256,11 +255,9 @@ def _arcface_spec(model_id: str, dim: int | None, threshold: float | None) -> Em
 
 
 def _file_id(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return f"arcface:{digest.hexdigest()[:12]}"
+    from streamer.models.registry import sha256_of
+
+    return f"arcface:{sha256_of(path)[:12]}"
 
 
 class ArcFaceEmbedder(Embedder):

@@ -9,12 +9,11 @@ ones that need it), so `streamer run` can fail with one line before it spawns a 
 
 from __future__ import annotations
 
-import hashlib
 from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from streamer.models.registry import ModelRegistry
+from streamer.models.registry import ModelRegistry, sha256_of
 from streamer.models.runtime import RuntimeOptions
 
 if TYPE_CHECKING:
@@ -22,14 +21,6 @@ if TYPE_CHECKING:
     from streamer.detect.base import Detector
     from streamer.infer.attributes import AttributeHead
     from streamer.infer.embedders import Embedder, EmbedderSpec
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 class ModelFactory:
@@ -72,7 +63,7 @@ class ModelFactory:
     @cached_property
     def embedder_sha256(self) -> str:
         """The embedder file's hash: two hosts whose vectors are compared must run the same file."""
-        return file_sha256(self.embedder_path)
+        return sha256_of(self.embedder_path)
 
     # -- with sessions ------------------------------------------------------------------------------
     def detector(self, *, for_tracking: bool = False) -> Detector:

@@ -88,9 +88,9 @@ def serial_tracked_pass(settings: Settings, path: str, max_frames: int | None = 
     from streamer.imaging import encode_jpeg, face_crop
     from streamer.infer.batch import InferenceModels
     from streamer.infer.chips import ChipPreparer
+    from streamer.match.matcher import open_matcher
     from streamer.match.recogniser import TrackRecogniser
     from streamer.models.factory import ModelFactory
-    from streamer.pipeline.detect_worker import _open_matcher
     from streamer.pipeline.slot import StreamSlot
     from streamer.publish.publisher import EventPublisher
     from streamer.track.processor import StreamProcessor
@@ -101,7 +101,7 @@ def serial_tracked_pass(settings: Settings, path: str, max_frames: int | None = 
     spec = factory.embedder_spec
     chips = ChipPreparer(spec, settings.attributes.enabled)
     models = InferenceModels.load(factory)  # warms every session up
-    gallery, matcher = _open_matcher(settings, spec)
+    gallery, matcher = open_matcher(settings.gallery.path, spec)
     processor = StreamProcessor.from_settings(STREAM, settings, detector, chips.prepare)
     recogniser = TrackRecogniser.from_settings(STREAM, settings, matcher)
     slot = StreamSlot(_NoSource(), processor, recogniser)  # only its processor/recogniser bookkeeping is used
@@ -121,8 +121,9 @@ def serial_tracked_pass(settings: Settings, path: str, max_frames: int | None = 
                 batch = step.chips
                 arrays = models.run(batch.arrays)
                 faces_embedded += len(arrays.get("embedding", ()))
-                crops = [encode_jpeg(face_crop(frame.image, box)) for box in batch.boxes] if publish.include_crops \
-                    else None
+                crops = None
+                if publish.include_crops:  # as the inference client does for the pipeline
+                    crops = [encode_jpeg(face_crop(frame.image, box)) for box in batch.boxes]
                 for event, crop in recogniser.on_results(batch, arrays, crops):
                     publisher.publish(event, crop=crop)
                     events += 1
@@ -135,7 +136,7 @@ def serial_tracked_pass(settings: Settings, path: str, max_frames: int | None = 
         detector.close()
         if gallery is not None:
             gallery.close()
-    return _pass(processor.frames, first, last, faces_embedded, events=events)
+    return _pass(processor.frames, first, last, faces_embedded, events_published=events)  # face events only
 
 
 class _NoSource:
@@ -150,8 +151,8 @@ def per_frame_all_models_pass(settings: Settings, path: str, max_frames: int | N
     pipeline (detection at the detector's own score threshold: there is no tracker to want low-score boxes)."""
     from streamer.infer.batch import InferenceModels
     from streamer.infer.chips import ChipPreparer
+    from streamer.match.matcher import open_matcher
     from streamer.models.factory import ModelFactory
-    from streamer.pipeline.detect_worker import _open_matcher
 
     factory = ModelFactory(settings)
     detector = factory.detector()
@@ -159,7 +160,7 @@ def per_frame_all_models_pass(settings: Settings, path: str, max_frames: int | N
     spec = factory.embedder_spec
     chips = ChipPreparer(spec, settings.attributes.enabled)
     models = InferenceModels.load(factory)
-    gallery, matcher = _open_matcher(settings, spec)
+    gallery, matcher = open_matcher(settings.gallery.path, spec)
     first = last = None
     frames = faces_embedded = 0
     try:
@@ -199,7 +200,8 @@ def pipeline_pass(settings: Settings, path: str, max_frames: int | None = None, 
     stream = summary.last_stats.get("streams", {}).get(STREAM, {})
     processed = int(stream.get("frames", summary.frames))
     dropped = int(stream.get("dropped", 0))
-    extra: dict[str, Any] = {"faces_sent": int(summary.faces_sent), "events": summary.published}
+    # everything the supervisor published: face events plus stream.status and heartbeats
+    extra: dict[str, Any] = {"faces_sent": int(summary.faces_sent), "events_published": summary.published}
     if live:  # a camera drops what the pipeline cannot take: frames counts what the camera produced
         extra = {"frames_processed": processed, "frames_dropped": dropped, **extra}
     extra["latency_ms"] = latency_report(summary.latencies_by_kind)

@@ -104,6 +104,7 @@ class DetectWorker:
         self._check_reachable()
 
     def _process(self, slot: StreamSlot, frame: Any) -> None:
+        self.first_frame_at = self.first_frame_at or time.monotonic()  # the bench's window starts at the read
         step = slot.processor.process(frame)
         self._send(slot.apply(step), frame.decoded_at)
         if step.chips is not None:
@@ -114,7 +115,6 @@ class DetectWorker:
                                       face_labels(slot.recogniser.tracks), slot.source.frame_rate):
                 self.running = False  # the viewer closed the preview
         self.last_frame_at = now = time.monotonic()
-        self.first_frame_at = self.first_frame_at or now
         slot.fps.tick(now)
 
     def _results(self, timeout_ms: int) -> None:

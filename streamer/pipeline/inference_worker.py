@@ -119,7 +119,8 @@ class InferenceWorker:
             self._run_batch(self.batcher.take())
 
     def _receive_all(self) -> None:
-        while True:
+        # Until a batch is due: a peer sending faster than we can refuse must not starve everyone's batches.
+        while not self.batcher.due():
             try:
                 frames = self.socket.recv_multipart(zmq.NOBLOCK, copy=False)
             except zmq.Again:
@@ -162,11 +163,16 @@ class InferenceWorker:
         batch_faces = sum(r.faces for r in requests)
         self.batches += 1
         self.faces += batch_faces
-        start = 0
+        # A head's rows belong only to the requests that sent crops for it (a client may send fewer heads
+        # than the worker runs), so each output keeps its own offset; one shared offset would hand a request
+        # the values of other clients' faces.
+        offsets = dict.fromkeys(results, 0)
         for pending in requests:
-            stop = start + pending.faces
-            part = {key: value[start:stop] for key, value in results.items()}
-            start = stop
+            part = {}
+            for key, value in results.items():
+                if ("chips" if key == "embedding" else key) in pending.request.arrays:
+                    part[key] = value[offsets[key]:offsets[key] + pending.faces]
+                    offsets[key] += pending.faces
             result = InferenceResult(
                 id=pending.request.id, embedder=self.embedder_id, sha256=self.sha256, arrays=part,
                 batch=batch_faces, infer_ms=elapsed_ms, queued_ms=(started - pending.arrived) * 1000,
