@@ -37,3 +37,16 @@ def registry(model_dir, cache_dir):
     from streamer.models.registry import ModelRegistry
 
     return ModelRegistry(model_dir=model_dir, cache_dir=cache_dir, allow_noncommercial=True)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _conversions_in_the_session_cache(cache_dir):
+    """Tests never write to the user's ~/.cache: settings built without a cache_dir (and the workers and
+    commands they start) convert into the session's cache instead."""
+    previous = os.environ.get("STREAMER_MODELS__CACHE_DIR")
+    os.environ["STREAMER_MODELS__CACHE_DIR"] = str(cache_dir)
+    yield
+    if previous is None:
+        os.environ.pop("STREAMER_MODELS__CACHE_DIR", None)
+    else:
+        os.environ["STREAMER_MODELS__CACHE_DIR"] = previous

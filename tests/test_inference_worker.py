@@ -275,7 +275,7 @@ def lies(models: InferenceModels, first_id: int) -> list[tuple[int, list[Any]]]:
     return out
 
 
-def test_a_lying_client_gets_errors_and_the_honest_one_only_its_own_faces(settings, models, sha, peers, model_dir):
+def test_a_lying_client_gets_errors_and_the_honest_one_only_its_own_faces(models, sha, peers, model_dir):
     """Both clients' requests are queued before the worker looks, so the batches mix their faces."""
     worker = InferenceWorker(worker_settings(model_dir, max_wait_ms=300), ANY_PORT, models, sha256=sha)
     honest = client(peers, worker.endpoint, worker, sha)
@@ -321,7 +321,7 @@ def test_a_lying_client_gets_errors_and_the_honest_one_only_its_own_faces(settin
     assert worker.refused == len(liar_lies)
 
 
-def test_concurrent_clients_with_a_liar_never_get_each_others_rows(settings, models, sha, peers, model_dir):
+def test_concurrent_clients_with_a_liar_never_get_each_others_rows(models, sha, peers, model_dir):
     """The same with real concurrency: the worker, the liar and the honest client on their own threads."""
     with serving(worker_settings(model_dir, max_wait_ms=30), models, sha) as served:
         endpoint = served.worker.endpoint
