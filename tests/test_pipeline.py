@@ -151,6 +151,14 @@ def test_hamilton_clip_names_lin_manuel_miranda(env, media_dir, lin_gallery):
     assert run.events[-1].kind in ("heartbeat", "stream.status")
     heartbeat = [e for e in run.events if e.kind == "heartbeat"][-1]
     assert heartbeat.streams["cam0"].frames == 275
+    # The run says what it did, on stderr, from what it published.
+    tracks = sorted(e.track for e in run.events if e.kind == "track.started")
+    lines = [line for line in run.stderr.splitlines() if line.startswith("streamer: ")]
+    assert lines[0] == f"streamer: publishing events on {run.endpoint} (watch them with: streamer subscribe {run.endpoint})"
+    assert f"streamer: 275 frames in " in lines[1] and lines[1].endswith(f", {len(tracks)} tracks")
+    his = sorted({e.track for e in named})
+    assert any(line.startswith("streamer: recognised Lin-Manuel Miranda on track") and f"#{his[0]}" in line
+               for line in lines), lines
 
 
 def test_pedestrian_clip_track_ids_stay_stable(env, media_dir):

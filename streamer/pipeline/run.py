@@ -203,6 +203,10 @@ class Supervisor:
         self.control = make_socket(self.context, SocketKind.PULL, hwm=SocketDefaults.EVENT_HWM,
                                    bind=self.control_endpoint, max_message_bytes=1 << 20)
         self.tracks = TrackBook()
+        from streamer.pipeline.report import RunReport
+
+        self.report = RunReport()
+        self._announced = False
         self._log = RateLimitedLog(log)
         settings_data = settings.model_dump(mode="json")
         from streamer.pipeline.detect_worker import detect_main
@@ -330,6 +334,12 @@ class Supervisor:
     def _publish(self, event: Any, crop: bytes | None = None, decoded_at: float | None = None) -> None:
         sent = self.publisher.publish(event, crop=crop)
         self.tracks.observe(event)
+        self.report.observe(event)
+        if event.kind == "stream.status" and not self._announced and not (self.progress or self.print_events):
+            # Nothing else on the terminal says where the events go.
+            self._announced = True
+            sys.stderr.write(f"streamer: publishing events on {self.publisher.endpoint} "
+                             f"(watch them with: streamer subscribe {self.publisher.endpoint})\n")
         if event.kind == "stream.status" and event.status in self.stop_on_status:
             self.request_stop()
         self.summary.published += 1
@@ -337,8 +347,14 @@ class Supervisor:
         if event.kind != "heartbeat":
             self.summary.last_published_at = now
         if self.print_events:
-            sys.stdout.write(f"{sent.topic.decode()} {sent.payload().decode()}\n")
-            sys.stdout.flush()
+            line = f"{sent.topic.decode()} {sent.payload().decode()}"
+            if self._bars:  # never on the progress bar's line: tqdm clears it, prints, redraws
+                from tqdm import tqdm
+
+                tqdm.write(line, file=sys.stdout)
+            else:
+                sys.stdout.write(line + "\n")
+                sys.stdout.flush()
         if decoded_at is not None:
             latency = (now - decoded_at) * 1000
             self.summary.latencies_ms.append(latency)
@@ -413,4 +429,15 @@ def run_pipeline(settings: Settings, progress: bool = True, print_events: bool =
         for sig, handler in previous.items():
             signal.signal(sig, handler)
     log.info("published %d events in %.1f s", summary.published, summary.seconds)
+    for line in supervisor.report.lines(summary.frames, summary.seconds, _output_files(settings)):
+        sys.stderr.write(f"streamer: {line}\n")
     return 0
+
+
+def _output_files(settings: Settings) -> list[Any]:
+    if settings.output.path is None:
+        return []
+    from streamer.publish.output import AnnotatedOutput
+
+    output = AnnotatedOutput(settings.output.model_copy(update={"preview": False}), len(settings.sources))
+    return [output.path_for(source.id or f"cam{i}") for i, source in enumerate(settings.sources)]
