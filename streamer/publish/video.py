@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import heapq
 import logging
+import os
+from collections.abc import Iterator
 from fractions import Fraction
 from pathlib import Path
 from types import TracebackType
@@ -45,7 +48,7 @@ class VideoWriter:
         self.encoded_width, self.encoded_height = width - width % 2, height - height % 2
         self.frames = 0
         self._last_pts = -1
-        rate = Fraction(fps).limit_denominator(1001)  # 29.97 -> 30000/1001
+        rate = self.rate = Fraction(fps).limit_denominator(1001)  # 29.97 -> 30000/1001
         # Opened here rather than by FFmpeg, which only touches the file when the first packet is written:
         # a missing folder or a read-only path must fail now, with the OS's reason.
         try:
@@ -65,6 +68,11 @@ class VideoWriter:
             self._file.close()
             raise
         log.info("writing %dx%d @ %s fps H.264 to %s", self.encoded_width, self.encoded_height, rate, self.path)
+
+    @property
+    def duration(self) -> float:
+        """Seconds of video written so far (up to the end of the last frame)."""
+        return float((self._last_pts + 1) / self.rate)
 
     @property
     def closed(self) -> bool:
@@ -109,3 +117,60 @@ class VideoWriter:
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         self.close()
+
+
+def _packets(container: av.container.InputContainer, stream: av.stream.Stream) -> Iterator[av.Packet]:
+    for packet in container.demux(stream):
+        if packet.dts is not None and packet.size:  # the demuxer ends with an empty flush packet
+            yield packet
+
+
+def copy_audio(video_path: str | Path, source: str | Path, *, start: float = 0.0,
+               duration: float | None = None) -> bool:
+    """Give the video-only file `video_path` the first audio stream of `source`, packets copied as they
+    are (no re-encoding). `start`: the source time (seconds) of the video's first frame, so sound and
+    picture stay in step; `duration`: the video's length, audio after it is dropped.
+
+    The new file is written beside the old one and replaces it atomically: on any error the video-only
+    file is left as it was and the error raised. False (nothing done) when `source` has no audio."""
+    video_path = Path(video_path)
+    with av.open(str(source)) as src:
+        if not src.streams.audio:
+            return False
+        src_audio = src.streams.audio[0]
+        temporary = video_path.with_name(f".{video_path.name}.{os.getpid()}.audio.tmp")
+        try:
+            with av.open(str(video_path)) as video, av.open(str(temporary), mode="w", format="mp4") as out:
+                src_video = video.streams.video[0]
+                out_video = out.add_stream_from_template(src_video)
+                out_audio = out.add_stream_from_template(src_audio)
+                audio_base = src_audio.time_base
+                shift = round(start / audio_base)
+                end = None if duration is None else round(duration / audio_base)
+
+                def audio() -> Iterator[av.Packet]:
+                    for packet in _packets(src, src_audio):
+                        pts = (packet.pts if packet.pts is not None else packet.dts) - shift
+                        if pts + (packet.duration or 0) < 0:
+                            continue  # sound from before the first frame (the one packet across it stays:
+                            # it primes the decoder, and the muxer's edit list hides what precedes 0)
+                        if end is not None and pts >= end:
+                            break
+                        packet.dts -= shift
+                        packet.pts = pts
+                        packet.stream = out_audio
+                        yield packet
+
+                def pictures() -> Iterator[av.Packet]:
+                    for packet in _packets(video, src_video):
+                        packet.stream = out_video
+                        yield packet
+
+                # Interleaved by time, so the muxer never has to hold one stream back for the other.
+                for packet in heapq.merge(pictures(), audio(), key=lambda p: p.dts * p.time_base):
+                    out.mux(packet)
+            os.replace(temporary, video_path)
+        except BaseException:
+            temporary.unlink(missing_ok=True)
+            raise
+    return True

@@ -70,6 +70,9 @@ class Source(ABC):
     # (for the annotated output) and how many a file will deliver (for the progress bar).
     frame_rate: float | None = None
     total_frames: int | None = None
+    # Set when an input ended early for a reason the user should hear, e.g. "file truncated at 2.4 s of
+    # 4.8 s" (the "ended" status detail says it too); None after a clean end.
+    end_note: str | None = None
 
     @abstractmethod
     def start(self) -> None:
@@ -240,6 +243,11 @@ class ThreadedSource(Source, Generic[H]):
     def _describe_error(self, exc: BaseException) -> str:
         return f"{type(exc).__name__}: {exc}"
 
+    def _end_of_input(self, handle: H) -> str:
+        """The detail of a file's "ended" status once its frames ran out (a backend can say more, e.g. that
+        the file is truncated, and sets `end_note`)."""
+        return "end of file"
+
     def _abandoned(self) -> bool:
         """For backends, between reads: True when the reader should drop the current connection now."""
         if self._stop.is_set():
@@ -348,6 +356,8 @@ class ThreadedSource(Source, Generic[H]):
             self._pump(handle, generation=self._generation)
             if self._reached_max_frames:
                 detail = f"reached max_frames ({self.max_frames})"
+            elif not self._stop.is_set():
+                detail = self._end_of_input(handle)
         except _Lost:
             pass
         except Exception as exc:  # a damaged file ends early but visibly

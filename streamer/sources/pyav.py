@@ -6,13 +6,16 @@ fps sampling skips are never converted to BGR (the conversion is the expensive p
 
 from __future__ import annotations
 
+import errno
 import logging
+import socket
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from itertools import chain
 from pathlib import Path
 from typing import Literal
+from urllib.parse import urlsplit
 
 import av
 import av.error
@@ -44,6 +47,130 @@ _READ_GRACE_S = 1.0
 
 def _micros(seconds: float) -> str:
     return str(int(seconds * 1_000_000))
+
+
+# ---------------------------------------------------------------------- network errors in plain words
+
+Cause = Literal["refused", "unreachable", "timeout", "silent", "name", "unauthorized", "forbidden", "not_found"]
+_DEFAULT_PORTS = {"rtsp": 554, "rtsps": 322, "http": 80, "https": 443}
+_ERRNO_CAUSES: dict[int, Cause] = {
+    errno.ECONNREFUSED: "refused",
+    errno.EHOSTUNREACH: "unreachable",
+    errno.ENETUNREACH: "unreachable",
+    errno.ETIMEDOUT: "timeout",
+}
+# FFmpeg's (and the C library's) words for each cause, lower case, checked in this order.
+_TEXT_CAUSES: list[tuple[str, Cause]] = [
+    ("401", "unauthorized"),
+    ("unauthorized", "unauthorized"),
+    ("403", "forbidden"),
+    ("forbidden", "forbidden"),
+    ("404", "not_found"),
+    ("not found", "not_found"),
+    ("connection refused", "refused"),
+    ("no route to host", "unreachable"),
+    ("network is unreachable", "unreachable"),
+    ("host is unreachable", "unreachable"),
+    ("timed out", "timeout"),
+    ("name or service not known", "name"),
+    ("temporary failure in name resolution", "name"),
+    ("no address associated with hostname", "name"),
+    ("nodename nor servname", "name"),
+    ("failed to resolve hostname", "name"),
+]
+
+
+def error_cause(error: BaseException | str) -> Cause | None:
+    """The cause an error names unambiguously, or None (FFmpeg's "Invalid data found when processing
+    input" for an unreachable address, "Input/output error" for a bad host name, "Immediate exit
+    requested" for an open that timed out: then only a probe of the address can tell)."""
+    code = getattr(error, "errno", None)
+    if isinstance(code, int) and code in _ERRNO_CAUSES:
+        return _ERRNO_CAUSES[code]
+    text = (getattr(error, "strerror", None) or str(error)).lower()
+    if "file not found" in text:  # not a server's 404
+        return None
+    for words, cause in _TEXT_CAUSES:
+        if words in text:
+            return cause
+    return None
+
+
+def _endpoint(url: str) -> tuple[str, int, str]:
+    """(host, port, path) of a network URL, without the user name and password."""
+    parts = urlsplit(url)
+    try:
+        port = parts.port
+    except ValueError:
+        port = None
+    return parts.hostname or "", port or _DEFAULT_PORTS.get(parts.scheme.lower(), 554), parts.path or "/"
+
+
+def probe_endpoint(host: str, port: int, timeout_s: float = 1.0) -> Cause | Literal["open"] | None:
+    """Ask the network what FFmpeg would not say: does the name resolve, does host:port accept a TCP
+    connection? "open" when it does; None when the probe itself tells nothing."""
+    try:
+        addresses = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as exc:
+        return "name" if exc.errno in (socket.EAI_NONAME, getattr(socket, "EAI_NODATA", -5)) else None
+    except (OSError, UnicodeError):
+        return None
+    cause: Cause | Literal["open"] | None = None
+    for family, kind, proto, _, address in addresses[:2]:
+        try:
+            with socket.socket(family, kind, proto) as sock:
+                sock.settimeout(timeout_s)
+                sock.connect(address)
+            return "open"
+        except TimeoutError:
+            cause = "timeout"
+        except OSError as exc:
+            cause = _ERRNO_CAUSES.get(exc.errno or 0, cause)
+    return cause
+
+
+def describe_stream_error(url: str, error: BaseException | str, cause: Cause | None) -> str:
+    """Words a camera owner understands for a failed network stream, FFmpeg's own text after them in
+    parentheses. `cause` comes from `error_cause`, or a probe where the error was ambiguous."""
+    text = (getattr(error, "strerror", None) or str(error)) if isinstance(error, BaseException) else error
+    host, port, path = _endpoint(url)
+    where = f"{host}:{port}"
+    words = {
+        "refused": f"cannot reach {where}: connection refused — is the camera on and the port right?",
+        "unreachable": f"cannot reach {where}: no route to host — is the address right and is the camera on "
+        "this network (and switched on)?",
+        "timeout": f"cannot reach {where}: no answer (timed out) — is the address right, is the camera on, "
+        "or does a firewall block the port?",
+        "silent": f"{where} accepts connections but did not answer as a stream server (timed out) — is this "
+        "the camera's streaming port?",
+        "name": f"cannot find host {host}: name not found — check the address for typos, or use the "
+        "camera's IP address",
+        "unauthorized": f"{where} refused the login (401 unauthorised) — check the user name and password "
+        "in the URL (rtsp://USER:PASSWORD@host/...)",
+        "forbidden": f"{where} refused access to {path} (403 forbidden) — does this user have the right to "
+        "view the stream?",
+        "not_found": f"{where} has no stream at {path} (404 not found) — check the stream path in the URL "
+        "(the camera's manual lists it)",
+    }.get(cause or "")
+    return f"{words} ({text})" if words else text
+
+
+def explain_stream_error(url: str, error: BaseException | str, probe_timeout_s: float = 1.0) -> str:
+    """`describe_stream_error`, probing the address first when FFmpeg's text leaves the cause open."""
+    cause = error_cause(error)
+    if cause is None:
+        host, port, _ = _endpoint(url)
+        probed = probe_endpoint(host, port, probe_timeout_s) if host else None
+        if probed == "open":
+            # The port answers TCP; FFmpeg failing to read anything from it means a silent server. Other
+            # errors (a real protocol error) keep FFmpeg's own words.
+            ambiguous = isinstance(error, (av.error.InvalidDataError, av.error.ExitError)) or (
+                isinstance(error, BaseException) and getattr(error, "errno", None) == errno.EIO
+            )
+            cause = "silent" if ambiguous else None
+        else:
+            cause = probed
+    return describe_stream_error(url, error, cause)
 
 
 class PyAVSource(ThreadedSource[_Handle]):
@@ -85,6 +212,9 @@ class PyAVSource(ThreadedSource[_Handle]):
         # those in start() so a bad one fails fast with SourceError.
         self._open_in_start = kind in ("file", "lavfi") or not live
         self._pts_offset = 0.0  # seconds added to pts after each replay of a looped file
+        self._decoded_until: float | None = None  # end (pts + one frame) of the last decoded frame
+        self._decoded_count = 0  # frames decoded, before fps sampling
+        self._open_failure: BaseException | None = None  # the last av.open error
 
     # ------------------------------------------------------------------ backend hooks
 
@@ -110,12 +240,16 @@ class PyAVSource(ThreadedSource[_Handle]):
         # stop() is noticed within these bounds. The read bound is a little longer than the watchdog's: an
         # interrupted RTSP read first hands out the packet its parser held back (a stale frame that would
         # reset the frame age), so the watchdog must have declared the connection dead before that.
-        container = av.open(
-            self.target,
-            format=fmt,
-            options=options,
-            timeout=(self.reconnect.open_timeout_s, self.reconnect.frame_timeout_s + _READ_GRACE_S),
-        )
+        try:
+            container = av.open(
+                self.target,
+                format=fmt,
+                options=options,
+                timeout=(self.reconnect.open_timeout_s, self.reconnect.frame_timeout_s + _READ_GRACE_S),
+            )
+        except Exception as exc:
+            self._open_failure = exc  # for _describe_error
+            raise
         try:
             if not container.streams.video:
                 raise SourceError(f"source {self.id}: {self.url} has no video stream")
@@ -161,9 +295,34 @@ class PyAVSource(ThreadedSource[_Handle]):
         handle.container.close()
 
     def _describe_error(self, exc: BaseException) -> str:
+        if self.kind in ("rtsp", "http") and isinstance(exc, (OSError, av.error.FFmpegError)):
+            if exc is self._open_failure:  # probing the address tells why a connection never came up
+                return explain_stream_error(self.target, exc, min(1.0, self.reconnect.open_timeout_s))
+            return describe_stream_error(self.target, exc, error_cause(exc))  # mid-stream: no probe
         if isinstance(exc, av.error.FFmpegError):
             return exc.strerror or str(exc)
         return super()._describe_error(exc)
+
+    def _end_of_input(self, handle: _Handle) -> str:
+        """A file that ends well before the duration its container announces was cut short (a partial
+        copy or download, a recording that stopped): say so, with where it ends."""
+        stream = handle.stream
+        duration = None
+        if stream.duration and stream.time_base:
+            duration = float(stream.duration * stream.time_base)
+        elif handle.container.duration:
+            duration = handle.container.duration / 1_000_000
+        end = self._decoded_until
+        if not duration or end is None or self.loop or self.max_frames is not None:
+            return super()._end_of_input(handle)
+        frame_time = 1.0 / handle.rate if handle.rate else 0.04
+        # a little slack: the last frame's pts plus its length, rounding, an edit list trimming the start
+        if end + frame_time < duration - max(3 * frame_time, 0.02 * duration):
+            counts = f", {self._decoded_count} of {stream.frames} frames" if stream.frames else ""
+            self.end_note = f"file truncated at {end:.1f} s of {duration:.1f} s{counts}"
+            log.warning("source %s: %s: %s", self.id, self.url, self.end_note)
+            return f"end of file: {self.end_note}"
+        return super()._end_of_input(handle)
 
     def _iterate(self, handle: _Handle) -> Iterator[RawFrame]:
         period = 1.0 / self.fps if self.fps else 0.0
@@ -184,6 +343,8 @@ class PyAVSource(ThreadedSource[_Handle]):
                 if first_pts is None:
                     first_pts = pts
                 last_pts = pts
+                self._decoded_count = count
+                self._decoded_until = pts + (1.0 / handle.rate if handle.rate else 0.0)
                 pts += self._pts_offset
                 if period:
                     if next_due is not None and pts < next_due - 1e-6:

@@ -7,15 +7,39 @@ watchdog, and stop() gives up on that thread after its join timeout (it is a dae
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Iterator
 
-import cv2
+# OpenCV's native log lines ("[ERROR:2@2.419] global obsensor_uvc_stream_channel.cpp:163 ... Camera index
+# out of range", "[ WARN:0@0.034] global cap_v4l.cpp:915 open VIDEOIO(V4L2:/dev/video0)") come from probing
+# every capture backend for a camera index; we report a camera that does not open in our own words. The
+# environment only counts before cv2's first import, hence before `import cv2` (the sources package imports
+# this module first); _quiet_opencv() covers a cv2 that something else imported earlier.
+_VERBOSE_LEVELS = {"WARNING", "WARN", "W", "INFO", "I", "DEBUG", "D", "VERBOSE", "V"}
+if os.environ.get("OPENCV_LOG_LEVEL", "").upper() not in _VERBOSE_LEVELS:  # someone debugging OpenCV
+    os.environ["OPENCV_LOG_LEVEL"] = "SILENT"
+os.environ.setdefault("OPENCV_VIDEOIO_DEBUG", "0")
 
-from streamer.config import ReconnectSettings
-from streamer.sources.base import RawFrame, ThreadedSource
+import cv2  # noqa: E402
+
+from streamer.config import ReconnectSettings  # noqa: E402
+from streamer.sources.base import RawFrame, ThreadedSource  # noqa: E402
 
 log = logging.getLogger(__name__)
+
+
+def _quiet_opencv() -> None:
+    """Silence OpenCV's own logging unless OPENCV_LOG_LEVEL asks for its warnings or more."""
+    if os.environ.get("OPENCV_LOG_LEVEL", "").upper() in _VERBOSE_LEVELS:
+        return
+    try:
+        cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_SILENT)
+    except AttributeError:  # a cv2 build without the logging utilities
+        pass
+
+
+_quiet_opencv()
 
 
 class WebcamSource(ThreadedSource[cv2.VideoCapture]):
@@ -43,10 +67,16 @@ class WebcamSource(ThreadedSource[cv2.VideoCapture]):
         self._clock_start = time.monotonic()
 
     def _open(self) -> cv2.VideoCapture:
+        _quiet_opencv()  # again: a detector may have changed the level since (it restores its own)
         capture = cv2.VideoCapture(self.device)
         if not capture.isOpened():
             capture.release()
-            raise OSError(f"cannot open camera {self.device!r}")
+            what = f"camera {self.device}" if isinstance(self.device, int) else repr(self.device)
+            raise OSError(
+                f"cannot open {what}: no such camera, or another program is using it"
+                if isinstance(self.device, int)
+                else f"cannot open {what}"
+            )
         if self.fps and isinstance(self.device, int):
             capture.set(cv2.CAP_PROP_FPS, self.fps)  # ask the driver first: cheaper than dropping frames
         log.info(
@@ -54,6 +84,11 @@ class WebcamSource(ThreadedSource[cv2.VideoCapture]):
             int(capture.get(cv2.CAP_PROP_FRAME_WIDTH)), int(capture.get(cv2.CAP_PROP_FRAME_HEIGHT)),
         )  # fmt: skip
         return capture
+
+    def _describe_error(self, exc: BaseException) -> str:
+        if isinstance(exc, OSError):  # our own words from _open
+            return str(exc)
+        return super()._describe_error(exc)
 
     def _close(self, handle: cv2.VideoCapture) -> None:
         handle.release()
