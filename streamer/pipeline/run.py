@@ -335,7 +335,8 @@ class Supervisor:
         sent = self.publisher.publish(event, crop=crop)
         self.tracks.observe(event)
         self.report.observe(event)
-        if event.kind == "stream.status" and not self._announced and not (self.progress or self.print_events):
+        if (event.kind == "stream.status" and event.status in ("connected", "reconnected") and not self._announced
+                and not (self.progress or self.print_events)):
             # Nothing else on the terminal says where the events go.
             self._announced = True
             sys.stderr.write(f"streamer: publishing events on {self.publisher.endpoint} "
