@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import numpy as np
 
@@ -19,11 +20,10 @@ from streamer.types import Faces, Frame, rounded_box
 Prepare = Callable[[np.ndarray, Faces], Mapping[str, np.ndarray]]
 
 
-class Detects:
+class Detects(Protocol):
     """What the processor needs of a detector (streamer.detect.Detector satisfies it)."""
 
-    def detect(self, image_bgr: np.ndarray) -> Faces:  # pragma: no cover - protocol
-        raise NotImplementedError
+    def detect(self, image_bgr: np.ndarray) -> Faces: ...
 
 
 @dataclass(frozen=True, eq=False)
