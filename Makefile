@@ -5,7 +5,7 @@ VENV   ?= .venv
 RUNTIME ?= cpu
 BIN := $(VENV)/bin
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo test bench soak clean
 
 $(BIN)/streamer: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -31,6 +31,12 @@ test: setup
 bench: setup
 	$(BIN)/python tools/make_bench_clip.py out/bench-720p.mp4
 	$(BIN)/streamer bench out/bench-720p.mp4 --json
+
+# Minutes of a live looped clip and an RTSP camera while workers are killed and stopped, the gallery is
+# replaced and the camera restarts; reports RSS at start and end, seq gaps and recovery times. Not in `test`.
+SOAK_MINUTES ?= 20
+soak: setup
+	$(BIN)/python tools/soak.py --minutes $(SOAK_MINUTES)
 
 clean:
 	rm -rf $(VENV) out .pytest_cache

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # System packages the tests need beyond the Python venv: GStreamer's RTSP server (tests/rtsp_server.py runs
-# it under the system /usr/bin/python3, whose gi bindings come from python3-gi). Debian/Ubuntu, as root.
+# it under the system /usr/bin/python3, whose gi bindings come from python3-gi) and the Mosquitto MQTT broker.
+# Debian/Ubuntu, as root.
 # Idempotent and quiet: does nothing when everything is already installed.
 set -euo pipefail
 
@@ -13,6 +14,7 @@ packages=(
   gstreamer1.0-plugins-good  # rtph264pay, qtdemux
   gstreamer1.0-plugins-bad  # openh264enc, h264parse
   gstreamer1.0-tools
+  mosquitto  # the MQTT broker tests/mosquitto.py starts (tests/test_mqtt.py)
 )
 
 missing=()

@@ -1,14 +1,22 @@
 """streamer: real-time face analytics for video streams, and DeepFace-style calls on images.
 
     import streamer
-    streamer.verify("a.jpg", "b.jpg")                # VerifyResult(verified=..., distance=..., ...)
-    streamer.analyze("group.jpg")                    # [AnalyzedFace(box, score, attributes), ...]
-    streamer.find("group.jpg", gallery="people.db")  # [FoundFace(box, match, match_score, ...), ...]
-    streamer.represent("face.jpg")                   # (Faces, embeddings)
+    streamer.verify("a.jpg", "b.jpg")         # VerifyResult(verified, distance, threshold, model, model_id, ...)
+    streamer.analyze("group.jpg")             # [AnalyzedFace(box, detection_score, attributes), ...]
+    streamer.find("group.jpg", "people.db")   # [FoundFace(box, detection_score, name, score, distance), ...]
+    streamer.represent("face.jpg")            # (Faces, embeddings)
 
-These use one default `FaceEngine` built from the environment (STREAMER_... variables) on first use;
-build your own `streamer.engine.FaceEngine(settings)` for anything else. Importing this package loads
-no model and no native library.
+    from streamer import FaceEngine, Gallery
+    engine = FaceEngine()                     # or FaceEngine(load_settings(...))
+    with Gallery("people.db") as gallery:     # created if missing
+        engine.enroll(gallery, "Ada", ["ada1.jpg", "ada2.jpg"])
+        faces = engine.find("group.jpg", gallery)
+
+`name` is the matched person (None: unknown) and `score` the match confidence in [0, 1], as in the
+published `identity` events; `detection_score` is the detector's confidence.
+
+The module-level calls use one default `FaceEngine` built from the environment (STREAMER_... variables)
+on first use. Importing this package loads no model and no native library.
 """
 
 from __future__ import annotations
@@ -18,11 +26,25 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from streamer.engine import FaceEngine, ImageInput
+    from streamer.match.gallery import Gallery
 
 __version__ = "0.1.0"
-__all__ = ["analyze", "default_engine", "detect", "find", "represent", "verify"]
+__all__ = ["FaceEngine", "Gallery", "analyze", "default_engine", "detect", "find", "represent", "verify"]
 
 _engine: FaceEngine | None = None
+
+
+def __getattr__(name: str) -> Any:
+    # Lazy, so `import streamer` stays free of OpenCV, onnxruntime and numpy-heavy imports.
+    if name == "FaceEngine":
+        from streamer.engine import FaceEngine
+
+        return FaceEngine
+    if name == "Gallery":
+        from streamer.match.gallery import Gallery
+
+        return Gallery
+    raise AttributeError(f"module 'streamer' has no attribute {name!r}")
 
 
 def default_engine() -> FaceEngine:
@@ -50,13 +72,6 @@ def analyze(image: ImageInput):
     return default_engine().analyze(image)
 
 
-def find(image: ImageInput, gallery: str | Path | Any):
-    """`gallery` is a path to a gallery file or an open `streamer.match.gallery.Gallery`."""
-    engine = default_engine()
-    if isinstance(gallery, (str, Path)):
-        opened = engine.open_gallery(gallery)
-        try:
-            return engine.find(image, opened)
-        finally:
-            opened.close()
-    return engine.find(image, gallery)
+def find(image: ImageInput, gallery: str | Path | Gallery):
+    """`gallery` is the path of an existing gallery file or an open `Gallery`."""
+    return default_engine().find(image, gallery)

@@ -1,7 +1,9 @@
 """The `streamer` command line.
 
-Errors a user can cause print one line to stderr and exit non-zero (2), never a traceback.
-`--json` outputs are a contract other tools script against; keep their keys stable.
+Errors a user can cause, usage errors included, print one line to stderr and exit 2 (3: no face where one
+was needed), never a traceback. `verify` exits like cmp/diff: 0 same person, 1 different people.
+`--json` outputs are a contract other tools script against; their keys are the events' names (`name`,
+`score`, `distance`) plus `detection_score`; keep them stable.
 """
 
 from __future__ import annotations
@@ -9,10 +11,12 @@ from __future__ import annotations
 import argparse
 import csv
 import logging
+import math
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import orjson
 
@@ -48,6 +52,10 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
     put("embedder.threshold", getattr(args, "threshold", None))
     put("runtime.device", getattr(args, "device", None))
     put("gallery.path", getattr(args, "gallery", None))
+    arcface_model = getattr(args, "arcface_model", None)
+    if arcface_model is not None:
+        put("models.paths.arcface", arcface_model)
+        put("embedder.name", "arcface" if getattr(args, "embedder", None) is None else None)
     if getattr(args, "allow_download", False):
         put("models.allow_download", True)
     if getattr(args, "allow_noncommercial", False):
@@ -71,13 +79,15 @@ def _engine(args: argparse.Namespace):
 
 
 # -- image commands --------------------------------------------------------------------------------------
+# Keys follow the published events: `name` and `score` are the matched person and the match confidence,
+# `detection_score` the detector's confidence, `model` the embedder as the user names it.
 def cmd_detect(args: argparse.Namespace) -> int:
     with _engine(args) as engine:
         faces = engine.detect(args.image)
         rows = [
             {
                 "box": rounded_box(faces.boxes[i]),
-                "score": round(float(faces.scores[i]), 4),
+                "detection_score": round(float(faces.scores[i]), 4),
                 "landmarks": [[round(float(x), 1), round(float(y), 1)] for x, y in faces.landmarks[i]],
             }
             for i in range(len(faces))
@@ -86,7 +96,7 @@ def cmd_detect(args: argparse.Namespace) -> int:
         _emit(rows)
     else:
         for row in rows:
-            print(f"face at {row['box']} score {row['score']}")
+            print(f"face at {row['box']} detection score {row['detection_score']}")
         print(f"{len(rows)} face(s)")
     return 0
 
@@ -97,8 +107,9 @@ def cmd_represent(args: argparse.Namespace) -> int:
         rows = [
             {
                 "box": rounded_box(faces.boxes[i]),
-                "score": round(float(faces.scores[i]), 4),
-                "model": engine.embedder.spec.id,
+                "detection_score": round(float(faces.scores[i]), 4),
+                "model": engine.embedder_name,
+                "model_id": engine.embedder.spec.id,
                 "embedding": [float(v) for v in embeddings[i]],
             }
             for i in range(len(faces))
@@ -107,36 +118,54 @@ def cmd_represent(args: argparse.Namespace) -> int:
         _emit(rows)
     else:
         for row in rows:
-            print(f"face at {row['box']}: {len(row['embedding'])}-D embedding ({row['model']})")
+            print(f"face at {row['box']}: {len(row['embedding'])}-D embedding ({row['model']}, {row['model_id']})")
     return 0
+
+
+# `verify` exits like cmp/diff: 0 same person, 1 different people, 2 (3: no face) when it could not tell.
+SAME, DIFFERENT = 0, 1
+
+
+def _verify_fields(result: Any) -> dict[str, Any]:
+    return {
+        "verified": result.verified,
+        "distance": result.distance,
+        "threshold": result.threshold,
+        "model": result.model,
+        "model_id": result.model_id,
+        "detector": result.detector,
+        "metric": result.metric,
+        "facial_areas": {"img_a": list(result.face_a), "img_b": list(result.face_b)},
+    }
+
+
+def _verdict(row: dict[str, Any]) -> str:
+    verdict = "same person" if row["verified"] else "different people"
+    return f"{verdict}: distance {row['distance']:.4f} (threshold {row['threshold']}, {row['model']})"
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
     if args.pairs:
+        if args.image_a or args.image_b:
+            raise InputError("verify takes two images or --pairs PAIRS.csv, not both")
         return _verify_pairs(args)
+    if args.root:
+        raise InputError("verify: --root only applies to --pairs")
     if not (args.image_a and args.image_b):
-        raise InputError("verify needs two images (IMG_A IMG_B) or --pairs PAIRS.csv")
+        raise InputError("verify needs two images (streamer verify IMG_A IMG_B) or --pairs PAIRS.csv")
     with _engine(args) as engine:
-        result = engine.verify(args.image_a, args.image_b)
+        row = _verify_fields(engine.verify(args.image_a, args.image_b))
     if args.json:
-        _emit(
-            {
-                "verified": result.verified,
-                "distance": result.distance,
-                "threshold": result.threshold,
-                "model": result.model,
-                "detector": result.detector,
-                "metric": result.metric,
-                "facial_areas": {"img_a": list(result.face_a), "img_b": list(result.face_b)},
-            }
-        )
+        _emit(row)
     else:
-        verdict = "same person" if result.verified else "different people"
-        print(f"{verdict}: distance {result.distance:.4f} (threshold {result.threshold}, {result.model})")
-    return 0
+        print(_verdict(row))
+    return SAME if row["verified"] else DIFFERENT
 
 
 def _verify_pairs(args: argparse.Namespace) -> int:
+    """One line per pair with the fields of a single `verify`; a pair that cannot be compared gets
+    `verified: null` and `error`, the others go on, and the exit code is 2 when any pair failed.
+    A "different people" pair is a result, not a failure."""
     pairs_file = Path(args.pairs)
     if not pairs_file.is_file():
         raise InputError(f"{pairs_file}: no such file")
@@ -146,32 +175,43 @@ def _verify_pairs(args: argparse.Namespace) -> int:
         if not reader.fieldnames or not {"file_a", "file_b"} <= set(reader.fieldnames):
             raise InputError(f"{pairs_file}: expected CSV columns file_a,file_b (got {reader.fieldnames})")
         pairs = [(row["file_a"], row["file_b"]) for row in reader]
+    if not pairs:
+        raise InputError(f"{pairs_file}: no pairs (expected a header file_a,file_b and one row per pair)")
     cache: dict[str, Any] = {}
+    failed = 0
     with _engine(args) as engine:
-        threshold = engine.embedder.spec.threshold
 
-        def embedding(name: str):
+        def primary(name: str):
             if name not in cache:
                 try:
-                    cache[name] = engine.embed_primary(root / name)[1]
+                    cache[name] = engine.embed_primary(root / name)
                 except StreamerError as exc:  # per-pair failure: reported, the run goes on
                     cache[name] = exc
             return cache[name]
 
         for file_a, file_b in pairs:
-            a, b = embedding(file_a), embedding(file_b)
+            a, b = primary(file_a), primary(file_b)
             row: dict[str, Any] = {"file_a": file_a, "file_b": file_b}
             problem = a if isinstance(a, Exception) else b if isinstance(b, Exception) else None
-            if problem is not None:
-                row.update(verified=False, distance=None, error=str(problem))
+            if problem is None:
+                row.update(_verify_fields(engine.compare(a, b)))
             else:
-                distance = float(engine.embedder.distances(a[None], b[None])[0, 0])
-                row.update(verified=distance < threshold, distance=round(distance, 6))
+                failed += 1
+                spec = engine.embedder.spec
+                row.update(
+                    verified=None, distance=None, threshold=spec.threshold, model=engine.embedder_name,
+                    model_id=spec.id, detector=engine.detector.name, metric=spec.metric, facial_areas=None,
+                    error=str(problem),
+                )
             if args.json:
                 _emit(row)
             else:
-                status = row.get("error") or ("same" if row["verified"] else "different")
-                print(f"{file_a}\t{file_b}\t{row['distance']}\t{status}")
+                outcome = f"error: {row['error']}" if problem is not None else _verdict(row)
+                print(f"{file_a}\t{file_b}\t{outcome}")
+    if failed:
+        print(f"streamer: error: {failed} of {len(pairs)} pairs could not be compared (see their error)",
+              file=sys.stderr)
+        return 2
     return 0
 
 
@@ -179,7 +219,11 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     with _engine(args) as engine:
         faces = engine.analyze(args.image)
     rows = [
-        {"box": list(f.box), "score": f.score, **{k: v for k, v in f.attributes.as_dict().items() if v is not None}}
+        {
+            "box": list(f.box),
+            "detection_score": f.detection_score,
+            **{k: v for k, v in f.attributes.as_dict().items() if v is not None},
+        }
         for f in faces
     ]
     if args.json:
@@ -195,26 +239,17 @@ def cmd_analyze(args: argparse.Namespace) -> int:
 
 def cmd_find(args: argparse.Namespace) -> int:
     with _engine(args) as engine:
-        gallery = engine.open_gallery(args.gallery, create=False)
-        try:
-            found = engine.find(args.image, gallery)
-        finally:
-            gallery.close()
+        found = engine.find(args.image, Path(args.gallery))
     rows = [
-        {
-            "box": list(f.box),
-            "match": f.match,
-            "score": f.match_score,
-            "distance": f.distance,
-            "detection_score": f.score,
-        }
+        {"box": list(f.box), "detection_score": f.detection_score, "name": f.name, "score": f.score,
+         "distance": f.distance}
         for f in found
     ]
     if args.json:
         _emit(rows)
     else:
         for row in rows:
-            print(f"face at {row['box']}: {row['match'] or 'unknown'} (score {row['score']})")
+            print(f"face at {row['box']}: {row['name'] or 'unknown'} (score {row['score']})")
     return 0
 
 
@@ -349,7 +384,19 @@ def cmd_run(args: argparse.Namespace) -> int:
     settings = _settings(args, extra)
     if not settings.sources:
         raise InputError("no source given: streamer run SOURCE... (or sources: in the config file)")
+    _check_files_exist(settings.sources)
     return run_pipeline(settings, progress=not args.quiet, print_events=args.print_events)
+
+
+def _check_files_exist(sources: list[Any]) -> None:
+    """A mistyped file name is the commonest first error: say so now, not after the models load."""
+    from streamer.sources import parse_url
+
+    for source in sources:
+        parsed = parse_url(source.url)
+        if parsed.kind == "file" and not Path(parsed.target).is_file():
+            where = "is a folder, not a video file" if Path(parsed.target).is_dir() else "does not exist"
+            raise InputError(f"video file {parsed.target} {where}: check the path (relative paths are from {Path.cwd()})")
 
 
 def cmd_inference_worker(args: argparse.Namespace) -> int:
@@ -443,136 +490,300 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 # -- parser -------------------------------------------------------------------------------------------
-def build_parser() -> argparse.ArgumentParser:
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--config", help="YAML settings file (see configs/)")
-    common.add_argument("--model-dir", help="folder holding model files (env STREAMER_MODEL_DIR)")
-    common.add_argument("--detector", help="yunet (default), blazeface, scrfd_500m, scrfd_2.5g")
-    common.add_argument("--embedder", help="dlib_resnet (default), mobilefacenet, arcface")
-    common.add_argument("--threshold", type=float, help="override the embedder's distance threshold")
-    common.add_argument("--device", choices=["auto", "cpu", "cuda"])
-    common.add_argument("--allow-download", action="store_true", help="fetch missing models (sha256-checked)")
-    common.add_argument("--allow-noncommercial", action="store_true", help="allow research-only models")
-    common.add_argument("-v", "--verbose", action="count", default=0)
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Every option's default after its help, as argparse.ArgumentDefaultsHelpFormatter does, except where
+    the default is "unset" (None/False): those flags fall back to a setting and their help names its
+    default. Raw description/epilog, so the examples keep their lines."""
 
-    parser = argparse.ArgumentParser(
-        prog="streamer", description="Real-time face analytics: streams, images, gallery, events."
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        default = action.default
+        unset = default is None or default is False or default is argparse.SUPPRESS or default == []
+        flag = action.nargs == 0  # on/off switches and -v: their help says what they change
+        if "%(default)" in text or unset or flag:
+            return text
+        if action.option_strings or action.nargs in (argparse.OPTIONAL, argparse.ZERO_OR_MORE):
+            return f"{text} (default: %(default)s)"
+        return text
+
+
+class _Parser(argparse.ArgumentParser):
+    """Usage errors as one line with where to look, exit 2 (argparse's own prints the whole usage first)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("formatter_class", _HelpFormatter)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"streamer: error: {message}; see `{self.prog} --help`\n")
+
+    def parse_args(self, args: Any = None, namespace: Any = None) -> argparse.Namespace:
+        # argparse reports leftovers from the top parser; point at the help of the command that got them.
+        parsed, extras = self.parse_known_args(args, namespace)
+        if extras:
+            prog = getattr(parsed, "command_prog", self.prog)
+            self.exit(2, f"streamer: error: unrecognized arguments: {' '.join(extras)}; see `{prog} --help`\n")
+        return parsed
+
+
+def _whole_number(remedy: str) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or value < 1:
+            raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r} ({remedy})")
+        return value
+
+    return parse
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value >= 0):
+        raise argparse.ArgumentTypeError(f"expected seconds >= 0, got {text!r} (leave it out to wait forever)")
+    return value
+
+
+def _example(*lines: str) -> str:
+    return "example:\n" + "\n".join(f"  {line}" for line in lines)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from typing import get_args
+
+    from streamer import __version__
+    from streamer.config import DetectorSettings, EmbedderSettings, InferenceSettings, PublishSettings
+
+    detectors = ", ".join(get_args(DetectorSettings.model_fields["name"].annotation))
+    verbose = _Parser(add_help=False)
+    verbose.add_argument("-v", "--verbose", action="count", default=0, help="more log lines: -v info, -vv debug")
+
+    # Options that build the settings tree (flags beat environment variables, which beat the YAML file).
+    settings_opts = _Parser(add_help=False, parents=[verbose])
+    settings_opts.add_argument(
+        "--config", metavar="FILE", help="YAML settings file (see configs/); environment variables and flags win"
     )
+    settings_opts.add_argument(
+        "--model-dir", metavar="DIR", help="folder holding the model files (setting model_dir, env STREAMER_MODEL_DIR)"
+    )
+    settings_opts.add_argument(
+        "--allow-download", action="store_true",
+        help="download missing models, sha256-checked, into the cache (setting models.allow_download)",
+    )
+    settings_opts.add_argument(
+        "--allow-noncommercial", action="store_true",
+        help="allow models licensed for non-commercial use only: scrfd_500m, scrfd_2.5g, mobilefacenet "
+        "(setting models.allow_noncommercial)",
+    )
+    # ... and the models that look at faces.
+    face_opts = _Parser(add_help=False, parents=[settings_opts])
+    face_opts.add_argument(
+        "--detector", metavar="NAME",
+        help=f"face detector: {detectors} (default: {DetectorSettings().name}; setting detector.name)",
+    )
+    face_opts.add_argument(
+        "--embedder", metavar="NAME",
+        help="face embedder: dlib_resnet, mobilefacenet, or arcface with --arcface-model "
+        f"(default: {EmbedderSettings().name}; setting embedder.name)",
+    )
+    face_opts.add_argument(
+        "--arcface-model", metavar="PATH",
+        help="an ArcFace-family .onnx model (insightface w600k, glint360k, MobileFaceNet exports; setting "
+        "models.paths.arcface); implies --embedder arcface",
+    )
+    face_opts.add_argument(
+        "--threshold", type=float, metavar="DISTANCE",
+        help="two faces are the same person below this embedding distance (default: the embedder's own, "
+        "0.6 for dlib_resnet; setting embedder.threshold)",
+    )
+    face_opts.add_argument(
+        "--device", choices=["auto", "cpu", "cuda"],
+        help="where models run: auto takes CUDA when it really loads, else the CPU; cuda makes a missing "
+        "CUDA an error (default: auto; setting runtime.device)",
+    )
+
+    parser = _Parser(
+        prog="streamer",
+        description="Real-time face analytics: streams, images, gallery, events.",
+        epilog="Each command has its own --help with its options and an example.\n\n"
+        + _example("streamer gallery add \"Ada Lovelace\" ada1.jpg --gallery people.db",
+                   "streamer run rtsp://10.0.0.5/stream1 --gallery people.db --print-events"),
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("run", parents=[common], help="process video sources and publish face events")
-    p.add_argument("sources", nargs="*", metavar="SOURCE", help="file, rtsp://, http(s)://, webcam:N, lavfi:GRAPH")
-    p.add_argument("--gallery", help="gallery file of enrolled people")
-    p.add_argument("--publish", help="ZeroMQ PUB endpoint (default tcp://127.0.0.1:5556)")
-    p.add_argument("--output", help="write an annotated video (.mp4)")
-    p.add_argument("--blur-unknown", action="store_true", help="blur faces not in the gallery in the output")
-    p.add_argument("--preview", action="store_true", help="show a window (only when a display exists)")
+    def command(group: Any, name: str, text: str, example: str | tuple[str, ...], parents: tuple = (verbose,),
+                description: str | None = None) -> argparse.ArgumentParser:
+        lines = (example,) if isinstance(example, str) else example
+        made = group.add_parser(
+            name, parents=list(parents), help=text, description=description or text, epilog=_example(*lines)
+        )
+        made.set_defaults(command_prog=made.prog)
+        return made
+
+    p = command(sub, "run", "process video sources and publish face events",
+                "streamer run rtsp://10.0.0.5/stream1 --gallery people.db --output annotated.mp4",
+                parents=(face_opts,),
+                description="Process video sources and publish face events on a ZeroMQ PUB socket.\n"
+                "Exit status: 0 when the input ended or you stopped it (Ctrl-C, SIGTERM), 2 for a bad setting, "
+                "model or source,\n1 when a worker keeps crashing.")
+    p.add_argument("sources", nargs="*", metavar="SOURCE",
+                   help="file, rtsp://, http(s)://, webcam:N, lavfi:GRAPH (default: sources: in --config)")
+    p.add_argument("--gallery", metavar="FILE",
+                   help="gallery of enrolled people (setting gallery.path); without one every face is unknown")
+    p.add_argument("--publish", metavar="ENDPOINT",
+                   help=f"ZeroMQ PUB endpoint for events (default: {PublishSettings().endpoint}; "
+                   "setting publish.endpoint)")
+    p.add_argument("--output", metavar="FILE.mp4",
+                   help="write an annotated video; with several sources one file per stream, FILE-STREAM.mp4 "
+                   "(setting output.path)")
+    p.add_argument("--blur-unknown", action="store_true",
+                   help="blur faces not in the gallery in the annotated video (setting output.blur_unknown)")
+    p.add_argument("--preview", action="store_true",
+                   help="show a window, when a display exists (setting output.preview)")
     p.add_argument("--print-events", action="store_true", help="also print every published event on stdout")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_run)
 
-    p = sub.add_parser(
-        "inference-worker", parents=[common], help="serve batched inference to `streamer run` hosts over tcp"
-    )
-    p.add_argument("--bind", help="endpoint to listen on (setting inference.bind, default tcp://127.0.0.1:5560); "
+    p = command(sub, "inference-worker", "serve batched inference to `streamer run` hosts over tcp",
+                "streamer inference-worker --bind tcp://0.0.0.0:5560 --keys /etc/streamer/keys",
+                parents=(face_opts,))
+    p.add_argument("--bind", metavar="ENDPOINT",
+                   help=f"endpoint to listen on (default: {InferenceSettings().bind}; setting inference.bind); "
                    "beyond loopback it needs --keys")
-    p.add_argument("--keys", help="keys folder from `streamer keys generate` (setting inference.keys): CURVE "
-                   "encryption, only clients listed in its clients/ folder get in")
+    p.add_argument("--keys", metavar="DIR",
+                   help="keys folder from `streamer keys generate` (setting inference.keys): CURVE encryption, "
+                   "only clients listed in its clients/ folder get in")
     p.set_defaults(func=cmd_inference_worker)
 
-    p = sub.add_parser("subscribe", help="print events published by `streamer run`")
-    p.add_argument("endpoint", nargs="?", default="tcp://127.0.0.1:5556")
-    p.add_argument("--topic", action="append", help="topic prefix, e.g. identity. or identity.cam1 (repeatable)")
-    p.add_argument("--count", type=int, help="stop after this many events")
-    p.add_argument("--timeout", type=float, help="stop after this many seconds without an event")
+    p = command(sub, "subscribe", "print events published by `streamer run`",
+                "streamer subscribe tcp://127.0.0.1:5556 --topic identity. --count 10")
+    p.add_argument("endpoint", nargs="?", default=PublishSettings().endpoint, help="the publisher's endpoint")
+    p.add_argument("--topic", action="append", metavar="PREFIX",
+                   help="topic prefix, e.g. identity. or identity.cam1; repeatable (default: every event)")
+    p.add_argument("--count", type=_whole_number("leave --count out to print events until stopped"), metavar="N",
+                   help="stop after this many events (default: never)")
+    p.add_argument("--timeout", type=_seconds, metavar="SECONDS",
+                   help="stop after this many seconds without an event (default: wait forever)")
     p.add_argument("--server-key", metavar="FILE", help="the publisher's public key (server.key): CURVE")
     p.add_argument("--client-key", metavar="FILE", help="this client's secret key (clients/NAME.key_secret)")
-    p.add_argument("-v", "--verbose", action="count", default=0)
     p.set_defaults(func=cmd_subscribe)
 
-    p = sub.add_parser("keys", help="CURVE keys for the event socket and remote inference workers")
+    p = command(sub, "keys", "CURVE keys for the event socket and remote inference workers",
+                "streamer keys generate keys/ --client dashboard", parents=())
     ksub = p.add_subparsers(dest="keys_command", required=True, metavar="ACTION")
-    k = ksub.add_parser("generate", help="a server key pair and client key pairs, never overwriting")
+    k = command(ksub, "generate", "a server key pair and client key pairs, never overwriting",
+                "streamer keys generate /etc/streamer/keys --client dashboard --client cam-host-1")
     k.add_argument("directory", metavar="DIR", help="keys folder (created); clients go to DIR/clients")
-    k.add_argument("--client", action="append", metavar="NAME", help="a client key pair (repeatable; default: client)")
-    k.add_argument("-v", "--verbose", action="count", default=0)
+    k.add_argument("--client", action="append", metavar="NAME",
+                   help="a client key pair; repeatable (default: one named client)")
     p.set_defaults(func=cmd_keys)
 
-    p = sub.add_parser("events", help="event format")
-    p.add_argument("events_command", choices=["schema"], help="schema: print the JSON Schema of every event")
-    p.add_argument("-v", "--verbose", action="count", default=0)
+    p = command(sub, "events", "event format", "streamer events schema > streamer-events.schema.json")
+    p.add_argument("events_command", choices=["schema"], metavar="schema",
+                   help="print the JSON Schema of every event")
     p.set_defaults(func=cmd_events)
 
-    for name, func, text in [
-        ("detect", cmd_detect, "find faces in an image"),
-        ("represent", cmd_represent, "embeddings of every face in an image (stays on your machine)"),
-        ("analyze", cmd_analyze, "age, gender and emotion of every face in an image"),
+    for name, func, text, example in [
+        ("detect", cmd_detect, "find faces in an image", "streamer detect group.jpg --json"),
+        ("represent", cmd_represent, "embeddings of every face in an image (stays on your machine)",
+         "streamer represent face.jpg --embedder mobilefacenet --allow-noncommercial --json"),
+        ("analyze", cmd_analyze, "age, gender and emotion of every face in an image",
+         "streamer analyze group.jpg --json"),
     ]:
-        p = sub.add_parser(name, parents=[common], help=text)
-        p.add_argument("image")
-        p.add_argument("--json", action="store_true")
+        p = command(sub, name, text, example, parents=(face_opts,))
+        p.add_argument("image", help="image file (JPEG, PNG, ...)")
+        p.add_argument("--json", action="store_true", help="one JSON list of faces on stdout")
         p.set_defaults(func=func)
 
-    p = sub.add_parser("verify", parents=[common], help="are two faces the same person (1:1)")
-    p.add_argument("image_a", nargs="?")
-    p.add_argument("image_b", nargs="?")
-    p.add_argument("--pairs", help="CSV with columns file_a,file_b: one JSON line per pair")
-    p.add_argument("--root", help="folder the --pairs file names are relative to (default: the CSV's folder)")
-    p.add_argument("--json", action="store_true")
+    p = command(sub, "verify", "are two faces the same person (1:1)",
+                ("streamer verify a.jpg b.jpg && echo same person",
+                 "streamer verify --pairs pairs.csv --root photos/ --json"),
+                parents=(face_opts,),
+                description="Are two faces the same person (1:1)? The largest face of each image is compared.\n"
+                "Exit status, like cmp and diff: 0 same person, 1 different people, 2 error (3: no face found).\n"
+                "With --pairs: 0 when every pair was compared (same or different), 2 when any pair failed.")
+    p.add_argument("image_a", nargs="?", metavar="IMG_A", help="first image")
+    p.add_argument("image_b", nargs="?", metavar="IMG_B", help="second image")
+    p.add_argument("--pairs", metavar="CSV",
+                   help="CSV with columns file_a,file_b: one line per pair, with the fields of a single verify")
+    p.add_argument("--root", metavar="DIR",
+                   help="folder the --pairs file names are relative to (default: the CSV's folder)")
+    p.add_argument("--json", action="store_true", help="JSON on stdout (one object per line with --pairs)")
     p.set_defaults(func=cmd_verify)
 
-    p = sub.add_parser("find", parents=[common], help="who is in an image (1:N against a gallery)")
-    p.add_argument("image")
-    p.add_argument("--gallery", required=True)
-    p.add_argument("--json", action="store_true")
+    p = command(sub, "find", "who is in an image (1:N against a gallery)",
+                "streamer find group.jpg --gallery people.db --json", parents=(face_opts,))
+    p.add_argument("image", help="image file (JPEG, PNG, ...)")
+    p.add_argument("--gallery", required=True, metavar="FILE", help="gallery file (from `streamer gallery add`)")
+    p.add_argument("--json", action="store_true", help="one JSON list of faces on stdout")
     p.set_defaults(func=cmd_find)
 
-    p = sub.add_parser("gallery", help="enrolled people")
+    p = command(sub, "gallery", "enrolled people", "streamer gallery list --gallery people.db", parents=())
     gsub = p.add_subparsers(dest="gallery_command", required=True, metavar="ACTION")
-    g = gsub.add_parser("add", parents=[common], help="enroll a person from photos")
-    g.add_argument("name")
-    g.add_argument("images", nargs="+")
-    g = gsub.add_parser("import", parents=[common], help="enroll a folder holding one sub-folder per person")
-    g.add_argument("folder")
-    g = gsub.add_parser("list", parents=[common], help="enrolled people and their face counts")
-    g.add_argument("--json", action="store_true")
-    g = gsub.add_parser("remove", parents=[common], help="delete people and erase their embeddings")
-    g.add_argument("names", nargs="+", metavar="NAME")
-    g = gsub.add_parser("rename", parents=[common], help="rename a person")
-    g.add_argument("old")
-    g.add_argument("new")
+    # add and import embed faces, so they take the model options; list, remove and rename only read or
+    # edit the file.
+    g = command(gsub, "add", "enroll a person from photos",
+                'streamer gallery add "Ada Lovelace" ada1.jpg ada2.jpg --gallery people.db', parents=(face_opts,))
+    g.add_argument("name", help="the person's name, as events and find report it")
+    g.add_argument("images", nargs="+", metavar="IMAGE", help="photos of that person (the largest face in each)")
+    g = command(gsub, "import", "enroll a folder holding one sub-folder per person",
+                "streamer gallery import photos/ --gallery people.db    # photos/Ada Lovelace/1.jpg, ...",
+                parents=(face_opts,))
+    g.add_argument("folder", help="folder of sub-folders, each named after the person whose photos it holds")
+    g = command(gsub, "list", "enrolled people and their face counts",
+                "streamer gallery list --gallery people.db --json")
+    g.add_argument("--json", action="store_true", help="one JSON list on stdout")
+    g = command(gsub, "remove", "delete people and erase their embeddings",
+                'streamer gallery remove "Ada Lovelace" --gallery people.db')
+    g.add_argument("names", nargs="+", metavar="NAME", help="people to delete")
+    g = command(gsub, "rename", "rename a person", 'streamer gallery rename Ada "Ada Lovelace" --gallery people.db')
+    g.add_argument("old", help="the enrolled name")
+    g.add_argument("new", help="the new name")
     for g in gsub.choices.values():
-        g.add_argument("--gallery", required=True, help="gallery file (SQLite)")
+        g.add_argument("--gallery", required=True, metavar="FILE", help="gallery file (SQLite)")
     p.set_defaults(func=cmd_gallery)
 
-    p = sub.add_parser("models", help="model files: where they resolve, licences, fetching")
+    p = command(sub, "models", "model files: where they resolve, licences, fetching", "streamer models list",
+                parents=())
     msub = p.add_subparsers(dest="models_command", required=True, metavar="ACTION")
-    m = msub.add_parser("list", parents=[common], help="every model, where it resolves and its licence")
-    m.add_argument("--json", action="store_true")
-    m = msub.add_parser("pull", parents=[common], help="fetch/convert missing models (sha256-checked)")
-    m.add_argument("names", nargs="*", metavar="NAME")
+    m = command(msub, "list", "every model, where it resolves and its licence", "streamer models list --json",
+                parents=(settings_opts,))
+    m.add_argument("--json", action="store_true", help="one JSON list on stdout")
+    m = command(msub, "pull", "fetch/convert missing models (sha256-checked)",
+                "streamer models pull yunet dlib_resnet --model-dir models/", parents=(settings_opts,),
+                description="Fetch/convert missing models (sha256-checked). Exit status 1 when any failed.")
+    m.add_argument("names", nargs="*", metavar="NAME",
+                   help="models to fetch (default: every model allowed by the licence options)")
     p.set_defaults(func=cmd_models)
 
-    p = sub.add_parser(
-        "bench",
-        parents=[common],
-        help="one clip, same models/frames/clock: decode, pipeline, serial tracked baseline, "
+    p = command(
+        sub, "bench",
+        "one clip, same models/frames/clock: decode, pipeline, serial tracked baseline, "
         "per-frame all-models baseline (InsightFace FaceAnalysis.get pattern), live latency",
+        "streamer bench clip.mp4 --frames 90 --json",
+        parents=(face_opts,),
         description="Passes: decode (ceiling); pipeline (two processes, batched); serial_tracked (same "
-        "tracker and gate, one thread, no batching); per_frame_all_models (every model on every face on "
-        "every frame, one thread: the InsightFace FaceAnalysis.get pattern); live (the clip as a camera, "
+        "tracker and gate, one thread, no batching);\nper_frame_all_models (every model on every face on "
+        "every frame, one thread: the InsightFace FaceAnalysis.get pattern);\nlive (the clip as a camera, "
         "latency per event kind). Each is timed from the first frame read to the last result published.",
     )
-    p.add_argument("source")
-    p.add_argument("--frames", type=int, help="use at most this many frames (in every pass)")
-    p.add_argument("--gallery", help="gallery file to match against (pipeline and both baselines)")
+    p.add_argument("source", help="video file to measure on")
+    p.add_argument("--frames", type=_whole_number("leave --frames out to use the whole clip"), metavar="N",
+                   help="use at most this many frames, in every pass (default: the whole clip)")
+    p.add_argument("--gallery", metavar="FILE", help="gallery file to match against (pipeline and both baselines)")
     p.add_argument(
         "--no-live",
         dest="live",
         action="store_false",
         help="skip the pass that replays the clip as a live camera (only the file pass's latency is shown)",
     )
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="the report as JSON on stdout")
     p.set_defaults(func=cmd_bench)
     return parser
 
@@ -582,12 +793,20 @@ def _quiet_native_logs() -> None:
     os.environ.setdefault("GLOG_minloglevel", "2")
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     os.environ.setdefault("OPENCV_LOG_LEVEL", "ERROR")
+    # A backstop under limits.max_image_pixels (checked from the header first): OpenCV reads this once, when
+    # cv2 loads, and refuses to allocate beyond it. 150 MP is that setting's upper bound.
+    os.environ.setdefault("OPENCV_IO_MAX_IMAGE_PIXELS", str(150_000_000))
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Exit status: 0 done, 1 `verify`: different people (`models pull`: a model failed; `run`: a worker kept
+    crashing), 2 usage or input error (one line on stderr), 3 no face where one was needed, 130 Ctrl-C."""
     _quiet_native_logs()
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # usage errors (2), --help and --version (0): a status to return, not to raise
+        return exc.code if isinstance(exc.code, int) else 0 if exc.code is None else 2
     logging.basicConfig(
         level=logging.WARNING - 10 * min(args.verbose, 2),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",

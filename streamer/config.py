@@ -7,8 +7,11 @@ Every bad value fails at start-up with a message naming the setting (see `load_s
 
 from __future__ import annotations
 
+import json
+import os
+import reprlib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal, get_args, get_origin
 
 import yaml
 from pydantic import (
@@ -16,21 +19,25 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    SecretStr,
     ValidationError,
     field_validator,
     model_validator,
 )
 from pydantic_settings import (
     BaseSettings,
+    NoDecode,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
+    SettingsError,
 )
 
 from streamer.errors import ConfigError
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # inf and nan pass `gt=0` checks (nan compares false both ways) and then break sleep() and timeouts.
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class ModelSettings(_Section):
@@ -59,8 +66,10 @@ class DetectorSettings(_Section):
     )
     score_threshold: float = Field(0.6, gt=0.0, lt=1.0)
     nms_threshold: float = Field(0.3, gt=0.0, lt=1.0)
-    max_side: int = Field(640, ge=64, description="detect on a copy whose longer side is at most this")
-    min_face: int = Field(20, ge=0, description="drop faces smaller than this (pixels, shorter box side)")
+    max_side: int = Field(640, ge=64, le=8192, description="detect on a copy whose longer side is at most this")
+    min_face: int = Field(
+        20, ge=0, le=8192, description="drop faces smaller than this (pixels, shorter box side)"
+    )
 
 
 class EmbedderSettings(_Section):
@@ -69,7 +78,22 @@ class EmbedderSettings(_Section):
 
 
 class AttributeSettings(_Section):
-    enabled: list[Literal["age", "gender", "emotion"]] = ["age", "gender", "emotion"]
+    # NoDecode: pydantic-settings would json.loads the env var and fail on the natural
+    # STREAMER_ATTRIBUTES__ENABLED=age,gender with a traceback; the validator takes both forms.
+    enabled: Annotated[list[Literal["age", "gender", "emotion"]], NoDecode] = ["age", "gender", "emotion"]
+
+    @field_validator("enabled", mode="before")
+    @classmethod
+    def _comma_separated(cls, value: Any) -> Any:
+        if not isinstance(value, str):
+            return value
+        text = value.strip()
+        if text.startswith("["):
+            try:
+                return json.loads(text)
+            except ValueError:
+                raise ValueError('expected names separated by commas (age,gender) or JSON ["age","gender"]') from None
+        return [name.strip() for name in text.split(",") if name.strip()]
 
 
 class GallerySettings(_Section):
@@ -80,23 +104,34 @@ class SourceSettings(_Section):
     url: str
     id: str | None = None  # stream id in events; defaults to cam0, cam1, ... in order
     live: bool | None = None  # None: decided from the URL (rtsp/http/webcam/lavfi are live)
-    fps: float | None = Field(None, gt=0, description="sample a file to this rate; None = every frame")
+    fps: float | None = Field(None, gt=0, le=1000, description="sample a file to this rate; None = every frame")
     loop: bool = False  # replay a file forever (demos)
     max_frames: int | None = Field(None, gt=0, description="stop after this many frames; None = no limit")
 
     @field_validator("id")
     @classmethod
     def _id_is_topic_safe(cls, value: str | None) -> str | None:
-        if value is not None and (not value or any(c in value for c in " .*\t\n")):
-            raise ValueError("stream id must be non-empty, without spaces, dots or * (it is part of the topic)")
+        # The id is part of the event topic and names the per-stream --output file, so a slash would
+        # write outside the output folder and a dot would break topic prefixes.
+        if value is not None and (
+            not value
+            or len(value) > 100
+            or any(c in ".*/\\" or c.isspace() or not c.isprintable() for c in value)
+        ):
+            raise ValueError(
+                "stream id must be 1-100 characters without spaces, dots, *, / or \\ "
+                "(it is part of the event topic and of --output file names), e.g. entrance or cam_2"
+            )
         return value
 
 
 class ReconnectSettings(_Section):
-    initial_delay_s: float = Field(0.5, gt=0)
-    max_delay_s: float = Field(10.0, gt=0)
-    frame_timeout_s: float = Field(3.0, gt=0, description="a live source with no new frame this long is lost")
-    open_timeout_s: float = Field(5.0, gt=0)
+    initial_delay_s: float = Field(0.5, gt=0, le=3600)
+    max_delay_s: float = Field(10.0, gt=0, le=3600)
+    frame_timeout_s: float = Field(
+        3.0, gt=0, le=3600, description="a live source with no new frame this long is lost"
+    )
+    open_timeout_s: float = Field(5.0, gt=0, le=3600)
     # At start-up, when not one source can be opened, the likeliest cause is a wrong address: exit with
     # one line saying so. A source that connected once, or one of several while others work, is retried
     # forever. False retries forever from the start (a service that may boot before its cameras).
@@ -107,8 +142,9 @@ class TrackerSettings(_Section):
     high_threshold: float = Field(0.6, gt=0, lt=1)
     low_threshold: float = Field(0.3, gt=0, lt=1)
     match_iou: float = Field(0.2, gt=0, lt=1, description="minimum IoU to continue a track")
-    min_hits: int = Field(3, ge=1, description="detections before a track is born")
-    max_missed: int = Field(30, ge=1, description="missed frames before a track ends")
+    min_hits: int = Field(3, ge=1, le=1000, description="detections before a track is born")
+    # Every lost track is kept this many frames: the bound caps tracks held for crowds passing by.
+    max_missed: int = Field(30, ge=1, le=10_000, description="missed frames before a track ends")
     scene_cut_threshold: float = Field(
         0.25, ge=0, le=1, description="end every track at a shot cut (edited video); 0 turns it off"
     )
@@ -121,19 +157,22 @@ class TrackerSettings(_Section):
 
 
 class RecognitionSettings(_Section):
-    refresh_s: float = Field(2.0, gt=0, description="re-embed a live track this often")
+    refresh_s: float = Field(2.0, gt=0, le=3600, description="re-embed a live track this often")
     warmup_refresh_s: float = Field(
-        0.3, gt=0, description="faster refresh until a track has min_votes recognitions, so names come early"
+        0.3, gt=0, le=3600,
+        description="faster refresh until a track has min_votes recognitions, so names come early",
     )
-    max_per_track: int = Field(10, ge=1, description="cap on embeddings per track")
-    better_quality_ratio: float = Field(1.3, ge=1, description="re-embed when face quality beats the best by this")
-    min_votes: int = Field(2, ge=1, description="recognitions before a name is announced")
+    max_per_track: int = Field(10, ge=1, le=1000, description="cap on embeddings per track")
+    better_quality_ratio: float = Field(
+        1.3, ge=1, le=100, description="re-embed when face quality beats the best by this"
+    )
+    min_votes: int = Field(2, ge=1, le=1000, description="recognitions before a name is announced")
     vote_share: float = Field(0.6, gt=0.5, le=1, description="share of votes a name needs")
 
 
 class InferenceSettings(_Section):
     max_batch: int = Field(32, ge=1, le=1024)
-    max_wait_ms: float = Field(10.0, ge=0)
+    max_wait_ms: float = Field(10.0, ge=0, le=10_000)
     # Client side (`streamer run` using a remote `streamer inference-worker`). The two key files come from
     # `streamer keys generate` on the worker host; declared before `endpoint`, whose check needs them.
     server_key: Path | None = None  # the worker's public key file (DIR/server.key)
@@ -204,16 +243,204 @@ class InferenceSettings(_Section):
         return value
 
 
+def _is_loopback_host(host: str) -> bool:
+    from streamer.sockets import is_loopback
+
+    return is_loopback(f"tcp://[{host}]:1" if ":" in host else f"tcp://{host}:1")
+
+
+def _check_topic_prefix(value: str) -> str:
+    # Published topics may not hold wildcards; a leading "$" is the broker's own ($SYS); empty levels
+    # ("a//b", "a/") make topics that subscribers' patterns do not expect.
+    if (not value or len(value) > 200 or any(c in value for c in "+#\0") or value.startswith("$")
+            or any(not level for level in value.split("/"))):
+        raise ValueError("expected topic levels separated by /, without +, #, empty levels or a leading $, e.g. streamer")
+    return value
+
+
+class MqttSettings(_Section):
+    """An MQTT broker to publish events, presence and Home Assistant discovery to (off unless `url` is set).
+
+    Fields are declared so that `url`, checked last, sees the credentials and TLS files it depends on.
+    """
+
+    username: str | None = Field(None, min_length=1)
+    password: SecretStr | None = None  # better from the environment: STREAMER_PUBLISH__MQTT__PASSWORD
+    ca_file: Path | None = None  # CA certificate(s) to trust for mqtts://; default: the system's
+    cert_file: Path | None = None  # client certificate (PEM) when the broker authenticates by certificate
+    key_file: Path | None = None  # its private key, when not inside cert_file
+    tls_insecure: bool = False  # skip the host name check of the broker's certificate (not the CA check)
+    url: str = Field(description="mqtt://HOST[:PORT] (1883) or mqtts://HOST[:PORT] (8883, TLS)")
+    client_id: str | None = Field(None, min_length=1, max_length=128)  # default streamer-HOSTNAME-PID
+    topic_prefix: str = "streamer"  # one per streamer instance on a broker: it also names its HA entities
+    discovery: bool = True  # Home Assistant MQTT discovery configs (retained)
+    discovery_prefix: str = "homeassistant"
+    presence_timeout_s: float = Field(300.0, gt=0, le=7 * 86400, description="away after this long unseen")
+    queue: int = Field(1000, ge=1, le=1_000_000, description="events kept while the broker is away, then dropped")
+    qos: dict[str, Literal[0, 1, 2]] = Field(
+        {"identity": 1}, description="QoS per event kind; kinds not named here go out with QoS 0"
+    )
+    keepalive_s: int = Field(30, ge=5, le=3600)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _credentials_from_url(cls, data: Any) -> Any:
+        # mqtt://user:pass@host is a common way to write it: take the credentials out of the URL, so the URL
+        # can be logged and shown in errors. Explicit username/password settings win.
+        if not isinstance(data, dict) or not isinstance(data.get("url"), str) or "@" not in data["url"]:
+            return data
+        from urllib.parse import unquote, urlsplit
+
+        parts = urlsplit(data["url"])
+        if parts.username is None:
+            return data
+        data = dict(data)
+        data.setdefault("username", unquote(parts.username))
+        if parts.password is not None:
+            data.setdefault("password", unquote(parts.password))
+        data["url"] = parts._replace(netloc=parts.netloc.rpartition("@")[2]).geturl()
+        return data
+
+    @field_validator("ca_file", "cert_file", "key_file")
+    @classmethod
+    def _file_exists(cls, value: Path | None) -> Path | None:
+        if value is None:
+            return None
+        value = value.expanduser()
+        if not value.is_file():
+            raise ValueError(f"{value} is not a file")
+        return value
+
+    @field_validator("url")
+    @classmethod
+    def _url_form(cls, value: str, info: Any) -> str:
+        from urllib.parse import urlsplit
+
+        try:
+            parts = urlsplit(value)
+            port = parts.port
+        except ValueError:
+            raise ValueError("expected mqtt://HOST[:PORT] or mqtts://HOST[:PORT] with a port 1-65535") from None
+        if parts.scheme not in ("mqtt", "mqtts") or not parts.hostname or parts.path not in ("", "/") \
+                or parts.query or parts.fragment or port == 0:
+            raise ValueError("expected mqtt://HOST[:PORT] or mqtts://HOST[:PORT] (TLS), e.g. mqtt://127.0.0.1:1883")
+        data = info.data
+        tls_files = [name for name in ("ca_file", "cert_file", "key_file") if data.get(name) is not None]
+        if parts.scheme == "mqtt" and (tls_files or data.get("tls_insecure")):
+            raise ValueError(f"publish.mqtt.{(tls_files or ['tls_insecure'])[0]} is set, so use mqtts:// (TLS)")
+        if data.get("key_file") is not None and data.get("cert_file") is None:
+            raise ValueError("publish.mqtt.key_file needs publish.mqtt.cert_file (the client certificate)")
+        if data.get("password") is not None and data.get("username") is None and "username" in data:
+            raise ValueError("publish.mqtt.password is set, so publish.mqtt.username must be too")
+        authenticated = (data.get("username") is not None and data.get("password") is not None) or \
+            data.get("cert_file") is not None
+        if not _is_loopback_host(parts.hostname) and not authenticated and {"password", "cert_file"} <= data.keys():
+            raise ValueError(
+                f"broker {parts.hostname} is beyond this machine, so streamer must log in: set publish.mqtt.username "
+                "and publish.mqtt.password (env STREAMER_PUBLISH__MQTT__PASSWORD), or a client certificate with "
+                "mqtts:// and publish.mqtt.cert_file"
+            )
+        return value
+
+    @field_validator("topic_prefix", "discovery_prefix")
+    @classmethod
+    def _prefix_form(cls, value: str) -> str:
+        return _check_topic_prefix(value)
+
+    @field_validator("qos")
+    @classmethod
+    def _known_kinds(cls, value: dict[str, int]) -> dict[str, int]:
+        from streamer.publish.events import KINDS
+
+        unknown = sorted(set(value) - set(KINDS))
+        if unknown:
+            raise ValueError(f"unknown event kind {unknown[0]!r}; kinds are {', '.join(KINDS)}")
+        return value
+
+    @property
+    def tls(self) -> bool:
+        return self.url.startswith("mqtts://")
+
+    @property
+    def host(self) -> str:
+        from urllib.parse import urlsplit
+
+        return urlsplit(self.url).hostname or ""
+
+    @property
+    def port(self) -> int:
+        from urllib.parse import urlsplit
+
+        return urlsplit(self.url).port or (8883 if self.tls else 1883)
+
+    @property
+    def loopback(self) -> bool:
+        return _is_loopback_host(self.host)
+
+
+class WebhookSettings(_Section):
+    """POST matching events as JSON to `url` (off unless listed in publish.webhooks)."""
+
+    url: str = Field(description="http(s)://..., may carry user:password@ for basic auth")
+    kinds: list[str] = Field(["identity"], min_length=1, description="event kinds to send")
+    names: list[str] = Field(
+        [], description="only identity events naming one of these people; empty: every identity (other kinds unaffected)"
+    )
+    headers: dict[str, SecretStr] = {}  # e.g. {Authorization: "Bearer ..."}; values never logged
+    timeout_s: float = Field(5.0, gt=0, le=300)
+    retries: int = Field(3, ge=0, le=100, description="attempts after the first on errors and 5xx/429/408")
+    queue: int = Field(1000, ge=1, le=1_000_000, description="events waiting for delivery, then dropped")
+
+    @field_validator("url")
+    @classmethod
+    def _url_form(cls, value: str) -> str:
+        from urllib.parse import urlsplit
+
+        try:
+            parts = urlsplit(value)
+            parts.port  # noqa: B018 (raises on a bad port)
+        except ValueError:
+            raise ValueError("expected http(s)://HOST[:PORT]/PATH with a port 1-65535") from None
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError("expected http://HOST[:PORT]/PATH or https://..., e.g. http://127.0.0.1:8123/api/webhook/ID")
+        return value
+
+    @field_validator("kinds")
+    @classmethod
+    def _known_kinds(cls, value: list[str]) -> list[str]:
+        from streamer.publish.events import KINDS
+
+        unknown = sorted(set(value) - set(KINDS))
+        if unknown:
+            raise ValueError(f"unknown event kind {unknown[0]!r}; kinds are {', '.join(KINDS)}")
+        return value
+
+    @field_validator("headers")
+    @classmethod
+    def _header_names(cls, value: dict[str, SecretStr]) -> dict[str, SecretStr]:
+        import re
+
+        for name, secret in value.items():
+            if not re.fullmatch(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+", name):
+                raise ValueError(f"header name {name!r} is not a valid HTTP header name")
+            if any(c in secret.get_secret_value() for c in "\r\n\0"):
+                raise ValueError(f"header {name}: the value may not contain line breaks")
+        return value
+
+
 class PublishSettings(_Section):
     # A keys folder from `streamer keys generate`, required when `endpoint` listens beyond loopback (declared
     # first: the endpoint check needs it). Its files are read when the socket is made, at start-up.
     keys: Path | None = None
     endpoint: str = "tcp://127.0.0.1:5556"
-    sndhwm: int = Field(10_000, ge=1)
-    heartbeat_s: float = Field(5.0, gt=0)
+    # Messages queued per slow subscriber before ZeroMQ drops: each may carry a face crop, so memory.
+    sndhwm: int = Field(10_000, ge=1, le=1_000_000)
+    heartbeat_s: float = Field(5.0, gt=0, le=3600)
     include_crops: bool = False  # privacy: face crops stay in the process unless turned on
     include_embeddings: bool = False  # privacy: embeddings stay in the process unless turned on
-    track_update_s: float = Field(1.0, ge=0, description="throttle for track.updated events; 0 = off")
+    track_update_s: float = Field(1.0, ge=0, le=3600, description="throttle for track.updated events; 0 = off")
+    mqtt: MqttSettings | None = None  # sinks beside ZeroMQ, fed the same events; off unless configured
+    webhooks: list[WebhookSettings] = Field([], max_length=32)
 
     @field_validator("keys")
     @classmethod
@@ -230,6 +457,51 @@ class PublishSettings(_Section):
         if "keys" in info.data and info.data["keys"] is None and not is_loopback(value):
             raise ValueError(needs_keys_message(value, "publish.keys"))
         return value
+
+
+class LimitsSettings(_Section):
+    # Decoding costs 3 bytes a pixel whatever the file size, and a 629-byte JPEG can declare 20000x20000
+    # (2.4 GB): images are refused from their header above this. 40 MP holds any camera photo but the
+    # largest; the bound stays under Pillow's own bomb threshold (179 MP), which hides the size beyond it.
+    max_image_pixels: int = Field(
+        40_000_000, ge=1, le=150_000_000, description="refuse images (not video) with more pixels than this"
+    )
+
+
+class MetricsSettings(_Section):
+    """Prometheus metrics for the whole process tree, served by the supervisor; off unless `bind` is set."""
+
+    # Declared first: the bind check needs it. Beyond loopback, scrapers must send `Authorization: Bearer`.
+    token: SecretStr | None = None
+    bind: str | None = Field(None, description="HOST:PORT to serve /metrics on, e.g. 127.0.0.1:9108")
+
+    @field_validator("bind")
+    @classmethod
+    def _host_port(cls, value: str | None, info: Any) -> str | None:
+        if value is None:
+            return None
+        host, sep, port = value.rpartition(":")
+        host = host.strip("[]")
+        if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+            raise ValueError("expected HOST:PORT, e.g. 127.0.0.1:9108")
+        import ipaddress
+
+        try:
+            loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
+        except ValueError:
+            loopback = False
+        if not loopback and info.data.get("token") is None:
+            raise ValueError(
+                f"{value} listens beyond loopback: set metrics.token (STREAMER_METRICS__TOKEN) so only your "
+                "scraper reads it, or bind 127.0.0.1"
+            )
+        return value
+
+    @property
+    def host_port(self) -> tuple[str, int]:
+        assert self.bind is not None
+        host, _, port = self.bind.rpartition(":")
+        return host.strip("[]"), int(port)
 
 
 class OutputSettings(_Section):
@@ -253,13 +525,16 @@ class Settings(BaseSettings):
     embedder: EmbedderSettings = EmbedderSettings()
     attributes: AttributeSettings = AttributeSettings()
     gallery: GallerySettings = GallerySettings()
-    sources: list[SourceSettings] = []
+    # Each source is a decoder thread and its buffers; more than this is a mistake, not a site.
+    sources: list[SourceSettings] = Field([], max_length=256)
     reconnect: ReconnectSettings = ReconnectSettings()
     tracker: TrackerSettings = TrackerSettings()
     recognition: RecognitionSettings = RecognitionSettings()
     inference: InferenceSettings = InferenceSettings()
     publish: PublishSettings = PublishSettings()
     output: OutputSettings = OutputSettings()
+    limits: LimitsSettings = LimitsSettings()
+    metrics: MetricsSettings = MetricsSettings()
 
     @classmethod
     def settings_customise_sources(
@@ -276,6 +551,53 @@ class Settings(BaseSettings):
 
 _YAML_FILE: dict[str, Path | None] = {}
 
+MAX_CONFIG_BYTES = 1 << 20  # a settings file for hundreds of cameras is tens of kB
+MAX_YAML_DEPTH = 32  # the settings tree is 4 levels deep; pure-Python composing recurses per level
+ECHO_CHARS = 200  # how much of a bad value an error message repeats
+MAX_PROBLEMS = 5  # errors listed in one message; the rest are counted
+
+
+class _SettingsLoader(yaml.SafeLoader):
+    """SafeLoader without anchors and aliases, and with a depth limit.
+
+    An alias is a reference: nine levels of nine references ("billion laughs") are 400 bytes of YAML that
+    validation and error messages expand to hundreds of MB. Settings files have no need for them, so the
+    first anchor or alias is refused, before anything is built.
+    """
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        event = self.peek_event()
+        if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None) is not None:
+            raise yaml.MarkedYAMLError(
+                problem="anchors and aliases (&name, *name, <<: *name) are not allowed in a settings file: "
+                "write the values out",
+                problem_mark=event.start_mark,
+            )
+        depth = getattr(self, "_depth", 0)
+        if depth >= MAX_YAML_DEPTH:
+            raise yaml.MarkedYAMLError(
+                problem=f"nested more than {MAX_YAML_DEPTH} levels deep", problem_mark=event.start_mark
+            )
+        self._depth = depth + 1
+        try:
+            return super().compose_node(parent, index)
+        finally:
+            self._depth = depth
+
+
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    """One line from PyYAML's multi-line message (which quotes the offending line under a caret)."""
+    if isinstance(exc, yaml.MarkedYAMLError):
+        mark = exc.problem_mark or exc.context_mark
+        words = ": ".join(str(part) for part in (exc.context, exc.problem) if part)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        return f"{_shorten(words)}{where}"
+    return _shorten(" ".join(str(exc).split()))
+
+
+def _shorten(text: str, limit: int = ECHO_CHARS) -> str:
+    return text if len(text) <= limit else f"{text[: limit - 25]}... ({len(text)} characters)"
+
 
 class _YamlSource(PydanticBaseSettingsSource):
     def __init__(self, settings_cls: type[BaseSettings], path: Path | None) -> None:
@@ -289,11 +611,35 @@ class _YamlSource(PydanticBaseSettingsSource):
         if self.path is None:
             return {}
         try:
-            data = yaml.safe_load(self.path.read_text()) or {}
+            with self.path.open("rb") as file:  # read with a bound: the path may be a device or a pipe
+                raw = file.read(MAX_CONFIG_BYTES + 1)
         except OSError as exc:
             raise ConfigError(f"config file {self.path}: {exc.strerror}") from None
+        if len(raw) > MAX_CONFIG_BYTES:
+            raise ConfigError(
+                f"config file {self.path} is over {MAX_CONFIG_BYTES >> 20} MiB: is it the right file? "
+                "(settings files are a few kB)"
+            )
+        try:
+            # Bytes, not text: PyYAML then reads UTF-8 or, with a byte-order mark, UTF-16 (what Windows
+            # PowerShell's `>` writes), and says where a byte is not UTF-8.
+            data = yaml.load(raw, Loader=_SettingsLoader) or {}
+        except yaml.reader.ReaderError as exc:
+            if exc.encoding != "unicode":  # PyYAML's marker for a decoded but unprintable character
+                line = raw[: exc.position].count(b"\n") + 1
+                raise ConfigError(
+                    f"config file {self.path} is not UTF-8 text (byte 0x{exc.character:02x} on line {line}, "
+                    f"offset {exc.position}): save it as UTF-8 (most editors: Save with Encoding)"
+                ) from None
+            raise ConfigError(
+                f"config file {self.path} is not valid YAML: character #x{exc.character:04x} at character "
+                f"{exc.position}: {exc.reason} (remove it)"
+            ) from None
         except yaml.YAMLError as exc:
-            raise ConfigError(f"config file {self.path} is not valid YAML: {exc}") from None
+            raise ConfigError(f"config file {self.path} is not valid YAML: {_yaml_problem(exc)}") from None
+        except ValueError as exc:  # an integer of more than 4300 digits: Python's guard against slow parsing
+            reason = _shorten(str(exc).split(";")[0])
+            raise ConfigError(f"config file {self.path} holds a value that cannot be read: {reason}") from None
         if not isinstance(data, dict):
             raise ConfigError(f"config file {self.path} must hold a mapping of settings")
         return data
@@ -324,17 +670,93 @@ def load_settings(config_file: str | Path | None = None, overrides: dict[str, An
         return Settings()
     except ValidationError as exc:
         raise ConfigError(_describe(exc)) from None
+    except SettingsError as exc:
+        raise ConfigError(_describe_env_error(exc)) from None
     finally:
         _YAML_FILE.pop("path", None)
 
 
+_ECHO = reprlib.Repr()  # keyword arguments only from Python 3.12
+_ECHO.maxstring = _ECHO.maxother = ECHO_CHARS
+_ECHO.maxlist = _ECHO.maxdict = 6
+_ECHO.maxlevel = 3
+
+
+def _redact(value: Any) -> Any:
+    """An error's input without secrets: a section's dict echoed back may hold a password or headers."""
+    if isinstance(value, dict):
+        return {k: "**********" if k in ("password", "headers") else _redact(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_redact(v) for v in value]
+    return value
+
+
 def _describe(exc: ValidationError) -> str:
     problems = []
-    for error in exc.errors():
+    errors = exc.errors(include_url=False)
+    for error in errors[:MAX_PROBLEMS]:
         where = ".".join(str(part) for part in error["loc"]) or "settings"
         env = "STREAMER_" + "__".join(str(p).upper() for p in error["loc"] if not isinstance(p, int))
         message = error["msg"].removeprefix("Value error, ")
         if error["type"] == "extra_forbidden":
             message = "unknown setting"
-        problems.append(f"setting {where} ({env}): {message} (got {error.get('input')!r})")
+        # reprlib bounds the work, not only the text: a value may be a long list or a long string.
+        got = _shorten(_ECHO.repr(_redact(error.get("input"))))
+        problems.append(f"setting {where} ({env}): {_shorten(' '.join(message.split()), 300)} (got {got})")
+    if len(errors) > MAX_PROBLEMS:
+        problems.append(f"and {len(errors) - MAX_PROBLEMS} more problems")
     return "; ".join(problems)
+
+
+_JSON_EXAMPLES = {
+    ("sources",): '[{"url": "rtsp://camera/stream1", "id": "entrance"}]',
+    ("models", "paths"): '{"yunet": "/opt/models/yunet.onnx"}',
+}
+
+
+def _json_example(keys: tuple[str, ...]) -> str | None:
+    """An example value for the env var STREAMER_<KEYS> when pydantic-settings decodes it as JSON (a list,
+    a mapping or a whole section); None for plain values, unknown names and NoDecode fields."""
+    model: Any = Settings
+    field = None
+    for key in keys:
+        fields = getattr(model, "model_fields", {})
+        if key not in fields:
+            return None  # an unknown name or a key inside a mapping: validation says what is wrong there
+        field = fields[key]
+        members = (field.annotation, *get_args(field.annotation))
+        model = next((m for m in members if isinstance(m, type) and issubclass(m, BaseModel)), None)
+    if field is None or NoDecode in field.metadata:
+        return None
+    if keys in _JSON_EXAMPLES:
+        return _JSON_EXAMPLES[keys]
+    if get_origin(field.annotation) is dict:
+        return '{"key": "value"}'
+    if get_origin(field.annotation) is list:
+        items = [m for m in get_args(field.annotation) if isinstance(m, type) and issubclass(m, BaseModel)]
+        return f"[{_section_example(items[0])}]" if items else '["a","b"]'
+    return None if model is None else _section_example(model)
+
+
+def _section_example(model: type[BaseModel]) -> str:
+    """`{"first required field": "..."}`, or the first field and its default when none is required."""
+    fields = model.model_fields.items()
+    name, info = next(((n, f) for n, f in fields if f.is_required()), next(iter(fields)))
+    return json.dumps({name: "..." if info.is_required() else info.default}, default=str)
+
+
+def _describe_env_error(exc: SettingsError) -> str:
+    """pydantic-settings names only the top-level field when an env var is not the JSON it expects: find
+    the variable and show the form it takes. The value is not echoed: camera URLs and sinks carry passwords."""
+    prefix = "STREAMER_"
+    for name, value in sorted(os.environ.items()):
+        if not name.upper().startswith(prefix):
+            continue
+        example = _json_example(tuple(name[len(prefix) :].lower().split("__")))
+        if example is None:
+            continue
+        try:
+            json.loads(value)
+        except ValueError:
+            return f"environment variable {name} is not JSON, which this setting takes: e.g. {name}='{example}'"
+    return f"environment settings: {_shorten(' '.join(str(exc).split()), 300)}"

@@ -21,13 +21,12 @@ from streamer.types import Attributes, Faces, rounded_box
 
 log = logging.getLogger(__name__)
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".pgm", ".ppm"}
-
 ImageInput = str | Path | np.ndarray
 
 
-def load_image(image: ImageInput) -> np.ndarray:
-    """A BGR uint8 image from a path or an array (grey and BGRA arrays are converted)."""
+def load_image(image: ImageInput, max_pixels: int | None = None) -> np.ndarray:
+    """A BGR uint8 image from a path or an array (grey and BGRA arrays are converted); a file declaring more
+    than `max_pixels` (default: limits.max_image_pixels's default) is refused before it is decoded."""
     if isinstance(image, np.ndarray):
         from streamer.imaging import as_bgr
 
@@ -36,25 +35,18 @@ def load_image(image: ImageInput) -> np.ndarray:
         except ValueError as exc:
             # A bad array is the caller's input, reported like a bad file (CLI: one line, exit 2).
             raise InputError(str(exc)) from None
-    path = Path(image)
-    if not path.exists():
-        raise InputError(f"{path}: no such file")
-    if path.is_dir():
-        raise InputError(f"{path}: is a directory, not an image")
-    # imdecode on bytes instead of imread: imread can't report why it failed and mishandles
-    # non-ASCII paths on some platforms.
-    try:
-        data = np.fromfile(path, dtype=np.uint8)
-    except OSError as exc:
-        raise InputError(f"{path}: cannot read ({exc.strerror})") from None
-    decoded = cv2.imdecode(data, cv2.IMREAD_COLOR) if data.size else None
-    if decoded is None:
-        raise InputError(f"{path}: not an image (or an unsupported/corrupt image file)")
-    return decoded
+    from streamer.config import LimitsSettings
+    from streamer.imaging import read_image
+
+    return read_image(image, LimitsSettings().max_image_pixels if max_pixels is None else max_pixels)
 
 
 def _name_of(image: ImageInput) -> str:
     return str(image) if not isinstance(image, np.ndarray) else "<array>"
+
+
+# Field names follow the published events (streamer.publish.events.Identity): `name` is the matched person,
+# `score` the match confidence; the detector's confidence is always `detection_score`.
 
 
 @dataclass(frozen=True)
@@ -62,7 +54,8 @@ class VerifyResult:
     verified: bool
     distance: float
     threshold: float
-    model: str
+    model: str  # the embedder as the user names it (embedder.name: dlib_resnet, mobilefacenet, arcface)
+    model_id: str  # the exact embedding space (e.g. dlib_resnet_v1, arcface:<sha256 prefix>)
     detector: str
     metric: str
     face_a: tuple[float, float, float, float]
@@ -72,17 +65,17 @@ class VerifyResult:
 @dataclass(frozen=True)
 class AnalyzedFace:
     box: tuple[float, float, float, float]
-    score: float
+    detection_score: float
     attributes: Attributes
 
 
 @dataclass(frozen=True)
 class FoundFace:
     box: tuple[float, float, float, float]
-    score: float  # detector confidence
-    match: str | None
-    match_score: float  # similarity in [0, 1], 0.5 at the threshold
-    distance: float | None
+    detection_score: float
+    name: str | None  # gallery name, None for an unknown face
+    score: float  # match confidence in [0, 1], 0.5 at the threshold
+    distance: float | None  # to the best gallery match; None when the gallery is empty
 
 
 def _box(row: np.ndarray) -> tuple[float, float, float, float]:
@@ -110,6 +103,11 @@ class FaceEngine:
     def embedder(self):
         return self.models.embedder()
 
+    @property
+    def embedder_name(self) -> str:
+        """The embedder as the user chose it (`embedder.name`); `embedder.id` is the exact model."""
+        return self.settings.embedder.name
+
     def head(self, name: str):
         if name not in self._heads:
             self._heads[name] = self.models.head(name)
@@ -127,7 +125,7 @@ class FaceEngine:
 
     # -- detection ------------------------------------------------------------------------------
     def detect(self, image: ImageInput) -> Faces:
-        return self.detector.detect(load_image(image))
+        return self.detector.detect(load_image(image, self.settings.limits.max_image_pixels))
 
     def primary_face(self, image: np.ndarray, faces: Faces) -> Faces:
         """The one face a single-person call uses.
@@ -144,7 +142,7 @@ class FaceEngine:
     # -- embeddings -----------------------------------------------------------------------------
     def represent(self, image: ImageInput) -> tuple[Faces, np.ndarray]:
         """Every face and its embedding (rows in the same order)."""
-        bgr = load_image(image)
+        bgr = load_image(image, self.settings.limits.max_image_pixels)
         faces = self.detector.detect(bgr)
         return faces, self.embed_faces(bgr, faces)
 
@@ -153,7 +151,7 @@ class FaceEngine:
         return self.embedder.embed(chips)
 
     def embed_primary(self, image: ImageInput) -> tuple[Faces, np.ndarray]:
-        bgr = load_image(image)
+        bgr = load_image(image, self.settings.limits.max_image_pixels)
         try:
             face = self.primary_face(bgr, self.detector.detect(bgr))
         except NoFaceError:
@@ -161,15 +159,19 @@ class FaceEngine:
         return face, self.embed_faces(bgr, face)[0]
 
     def verify(self, image_a: ImageInput, image_b: ImageInput) -> VerifyResult:
-        face_a, emb_a = self.embed_primary(image_a)
-        face_b, emb_b = self.embed_primary(image_b)
+        return self.compare(self.embed_primary(image_a), self.embed_primary(image_b))
+
+    def compare(self, primary_a: tuple[Faces, np.ndarray], primary_b: tuple[Faces, np.ndarray]) -> VerifyResult:
+        """`verify` on two `embed_primary` results, so a caller comparing many pairs embeds each image once."""
+        (face_a, emb_a), (face_b, emb_b) = primary_a, primary_b
         spec = self.embedder.spec
         distance = float(self.embedder.distances(emb_a[None], emb_b[None])[0, 0])
         return VerifyResult(
-            verified=distance < self.embedder.spec.threshold,
+            verified=distance < spec.threshold,
             distance=round(distance, 6),
-            threshold=self.embedder.spec.threshold,
-            model=spec.id,
+            threshold=spec.threshold,
+            model=self.embedder_name,
+            model_id=spec.id,
             detector=self.detector.name,
             metric=spec.metric,
             face_a=_box(face_a.boxes[0]),
@@ -187,11 +189,13 @@ class FaceEngine:
         return combine_attributes(len(faces), **outputs)
 
     def analyze(self, image: ImageInput) -> list[AnalyzedFace]:
-        bgr = load_image(image)
+        bgr = load_image(image, self.settings.limits.max_image_pixels)
         faces = self.detector.detect(bgr)
         attributes = self.attributes_of(bgr, faces)
         return [
-            AnalyzedFace(box=_box(faces.boxes[i]), score=round(float(faces.scores[i]), 4), attributes=attributes[i])
+            AnalyzedFace(
+                box=_box(faces.boxes[i]), detection_score=round(float(faces.scores[i]), 4), attributes=attributes[i]
+            )
             for i in range(len(faces))
         ]
 
@@ -211,16 +215,20 @@ class FaceEngine:
         return Matcher(gallery, spec.id, spec.metric, self.embedder.spec.threshold)
 
     def find(self, image: ImageInput, gallery) -> list[FoundFace]:
-        bgr = load_image(image)
+        """Who is in `image`: `gallery` is an open `Gallery` or the path of an existing gallery file."""
+        if isinstance(gallery, (str, Path)):
+            with self.open_gallery(gallery, create=False) as opened:
+                return self.find(image, opened)
+        bgr = load_image(image, self.settings.limits.max_image_pixels)
         faces = self.detector.detect(bgr)
         embeddings = self.embed_faces(bgr, faces)
         matches = self.matcher(gallery).match(embeddings)
         return [
             FoundFace(
                 box=_box(faces.boxes[i]),
-                score=round(float(faces.scores[i]), 4),
-                match=m.name,
-                match_score=round(float(m.score), 4),
+                detection_score=round(float(faces.scores[i]), 4),
+                name=m.name,
+                score=round(float(m.score), 4),
                 distance=None if m.distance is None or not np.isfinite(m.distance) else round(float(m.distance), 6),
             )
             for i, m in enumerate(matches)
@@ -260,8 +268,10 @@ class FaceEngine:
             if not files:
                 raise InputError(f"{person}: empty folder (no photos of {person.name})")
             for file in files:
-                if file.suffix.lower() not in IMAGE_SUFFIXES:
-                    raise InputError(f"{file}: not an image file")
+                # By content, as `gallery add` decides (cv2 reads the signature): a GIF or a .JPG from a
+                # phone is a photo whatever its suffix says.
+                if not cv2.haveImageReader(str(file)):
+                    raise InputError(f"{file}: not an image file (JPEG, PNG, WebP, BMP, TIFF, GIF, PNM)")
             vectors, sources = self.enrollment_embeddings(files)
             entries.append((person.name, vectors, sources))
         return entries

@@ -1,4 +1,5 @@
-"""Image helpers every stage shares: one input check, one array conversion, one JPEG encoder, one face crop.
+"""Image helpers every stage shares: one guarded decoder, one input check, one array conversion, one JPEG
+encoder, one face crop.
 
 Kept here, not in a stage, because detectors, the engine, attribute heads, the publisher and the
 detect worker all need exactly the same behaviour (and the same error text) for them.
@@ -6,11 +7,89 @@ detect worker all need exactly the same behaviour (and the same error text) for 
 
 from __future__ import annotations
 
+import io
+import warnings
+from pathlib import Path
+
 import cv2
 import numpy as np
 
+from streamer.errors import InputError
+
 JPEG_QUALITY = 90
 CROP_MARGIN = 0.2  # share of the box added on each side of a published face crop
+MAX_PIXELS_SETTING = "limits.max_image_pixels (STREAMER_LIMITS__MAX_IMAGE_PIXELS)"
+NOT_AN_IMAGE = "not an image (or an unsupported/corrupt image file)"
+
+
+def declared_size(data: bytes) -> tuple[int, str] | None:
+    """How many pixels an encoded image declares in its header, read without decoding a pixel, and the
+    same in words ("20000x20000 (400.0 megapixels)"); None when the bytes are not an image format Pillow
+    knows (every format OpenCV reads except EXR, HDR and PFM).
+
+    OpenCV has no header-only call: `cv2.imdecode` allocates the whole image first, so a 629-byte JPEG
+    whose header says 20000x20000 costs 2.4 GB before anything can refuse it. Pillow's `Image.open` is lazy.
+    Above twice its own MAX_IMAGE_PIXELS (about 179 megapixels, more than `limits.max_image_pixels` may
+    be set to) Pillow refuses to say the size; the count is then that bound plus one.
+    """
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        # Pillow warns above its own limit (89 MP), which a raised max_image_pixels may allow: the caller
+        # decides, so the warning would only be noise on the user's terminal.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as image:
+                width, height = image.size
+    except Image.DecompressionBombError:
+        bound = 2 * (Image.MAX_IMAGE_PIXELS or 0)
+        return bound + 1, f"more than {bound / 1e6:.0f} megapixels"
+    except (UnidentifiedImageError, OSError, ValueError, EOFError, SyntaxError):
+        return None
+    return int(width) * int(height), f"{width}x{height} ({width * height / 1e6:.1f} megapixels)"
+
+
+def decode_image(data: bytes, max_pixels: int, name: str = "<bytes>") -> np.ndarray:
+    """A BGR uint8 image from encoded bytes (JPEG, PNG, WebP, BMP, TIFF, GIF, PNM...), refused with one
+    InputError line, before any pixel is decoded, when its header declares more than `max_pixels` pixels.
+
+    `name` (a path, usually) starts every message. The cap bounds memory: decoding costs 3 bytes a pixel
+    whatever the file size, and a small file can declare any size.
+    """
+    declared = declared_size(data) if data else None
+    if declared is None:
+        raise InputError(f"{name}: {NOT_AN_IMAGE}")
+    pixels, words = declared
+    if pixels > max_pixels:
+        raise InputError(
+            f"{name}: image is {words}, over the limit of {max_pixels / 1e6:g} "
+            f"megapixels set by {MAX_PIXELS_SETTING}: downscale it or raise the limit (decoding costs 3 MB "
+            "per megapixel)"
+        )
+    try:
+        decoded = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_COLOR)
+    except cv2.error:
+        # OpenCV's own guard (OPENCV_IO_MAX_IMAGE_PIXELS, read once when cv2 loads) or a decoder failure.
+        decoded = None
+    if decoded is None:
+        raise InputError(f"{name}: {NOT_AN_IMAGE}")
+    return decoded
+
+
+def read_image(path: str | Path, max_pixels: int) -> np.ndarray:
+    """`decode_image` of a file's bytes; InputError for a missing, unreadable or oversized file."""
+    path = Path(path)
+    if not path.exists():
+        raise InputError(f"{path}: no such file")
+    if path.is_dir():
+        raise InputError(f"{path}: is a directory, not an image")
+    # Bytes, then imdecode, instead of imread: imread can't report why it failed and mishandles
+    # non-ASCII paths on some platforms.
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise InputError(f"{path}: cannot read ({exc.strerror})") from None
+    return decode_image(data, max_pixels, str(path))
 
 
 def encode_jpeg(image: np.ndarray, quality: int = JPEG_QUALITY) -> bytes:

@@ -30,7 +30,8 @@ def test_import_loads_no_models_or_native_libraries():
 def test_module_level_calls_use_the_default_engine(monkeypatch, engine, media_dir):
     monkeypatch.setattr(streamer, "_engine", engine)
     result = streamer.verify(media_dir / "deepface/img1.jpg", media_dir / "deepface/img2.jpg")
-    assert result.verified and result.model == "dlib_resnet_v1" and result.metric == "euclidean"
+    assert result.verified and result.model == "dlib_resnet" and result.model_id == "dlib_resnet_v1"
+    assert result.metric == "euclidean"
     faces, embeddings = streamer.represent(media_dir / "face_recognition/examples/two_people.jpg")
     assert len(faces) == 2 and embeddings.shape == (2, 128) and embeddings.dtype == np.float32
 
@@ -54,11 +55,13 @@ def test_find_against_a_gallery(monkeypatch, engine, media_dir, tmp_path):
         engine.enroll(gallery, "biden", [media_dir / "face_recognition/examples/biden.jpg"])
     monkeypatch.setattr(streamer, "_engine", engine)
     faces = streamer.find(media_dir / "face_recognition/examples/two_people.jpg", gallery=path)
-    assert sorted(f.match for f in faces) == ["biden", "obama"]
+    assert sorted(f.name for f in faces) == ["biden", "obama"]
     with Gallery(path, create=False) as gallery:
         alone = engine.find(media_dir / "face_recognition/examples/obama2.jpg", gallery)
-    assert [f.match for f in alone] == ["obama"]
-    assert all(0.5 < f.match_score <= 1 and f.distance < 0.6 for f in faces)
+    assert [f.name for f in alone] == ["obama"]
+    assert all(0.5 < f.score <= 1 and f.distance < 0.6 and 0 < f.detection_score <= 1 for f in faces)
+    by_path = engine.find(media_dir / "face_recognition/examples/obama2.jpg", str(path))  # a path works too
+    assert [(f.name, f.box) for f in by_path] == [(f.name, f.box) for f in alone]
 
 
 def test_enrollment_fails_whole_when_one_photo_has_no_face(engine, media_dir, tmp_path):
@@ -78,3 +81,11 @@ def test_analyze_gives_typed_attributes(engine, media_dir):
     assert face.attributes.gender.label == "man" and face.attributes.gender.probability > 0.5
     assert 30 < face.attributes.age < 80
     assert abs(sum(face.attributes.emotion.scores.values()) - 1) < 1e-3
+
+
+def test_engine_and_gallery_import_from_the_package():
+    from streamer import FaceEngine as PackageEngine, Gallery as PackageGallery
+
+    assert PackageEngine is FaceEngine and PackageGallery is Gallery
+    with pytest.raises(AttributeError, match="no attribute 'Nope'"):
+        streamer.Nope  # noqa: B018

@@ -45,12 +45,12 @@ def one_line_error(result: subprocess.CompletedProcess) -> str:
 
 def test_verify_same_and_different_person(cli, media_dir):
     same = json.loads(cli("verify", str(media_dir / "deepface/img1.jpg"), str(media_dir / "deepface/img2.jpg"), "--json").stdout)
-    assert set(same) >= {"verified", "distance", "threshold", "model"}
+    assert set(same) >= {"verified", "distance", "threshold", "model", "model_id", "facial_areas"}
     assert same["verified"] is True and same["distance"] < same["threshold"] == 0.6
-    assert same["model"] == "dlib_resnet_v1"
-    different = json.loads(
-        cli("verify", str(media_dir / "deepface/img1.jpg"), str(media_dir / "deepface/img13.jpg"), "--json").stdout
-    )
+    assert same["model"] == "dlib_resnet" and same["model_id"] == "dlib_resnet_v1"
+    result = cli("verify", str(media_dir / "deepface/img1.jpg"), str(media_dir / "deepface/img13.jpg"), "--json", ok=False)
+    assert result.returncode == 1, result.stderr  # like cmp/diff: 1 = different
+    different = json.loads(result.stdout)
     assert different["verified"] is False and different["distance"] > different["threshold"]
 
 
@@ -70,11 +70,13 @@ def test_verify_pairs_reports_bad_rows_and_goes_on(cli, media_dir, tmp_path):
         f"missing.jpg,{media_dir}/deepface/img2.jpg\n"
         f"{media_dir}/deepface/img1.jpg,{media_dir}/deepface/img13.jpg\n"
     )
-    rows = [json.loads(line) for line in cli("verify", "--pairs", str(pairs), "--json").stdout.splitlines()]
+    result = cli("verify", "--pairs", str(pairs), "--json", ok=False)
+    assert result.returncode == 2, result.stderr  # some pairs could not be compared
+    rows = [json.loads(line) for line in result.stdout.splitlines()]
     assert len(rows) == 5
     assert rows[0]["verified"] is True and "error" not in rows[0]
     for row in rows[1:4]:
-        assert row["verified"] is False and row["error"]
+        assert row["verified"] is None and row["error"]
     assert "no face" in rows[1]["error"] and "not an image" in rows[2]["error"] and "no such file" in rows[3]["error"]
     assert rows[4]["verified"] is False and rows[4]["distance"] > 0.6
     assert all({"file_a", "file_b", "verified", "distance"} <= set(r) for r in rows)
@@ -84,7 +86,7 @@ def test_analyze_json_contract(cli, media_dir):
     faces = json.loads(cli("analyze", str(media_dir / "deepface/img1.jpg"), "--json").stdout)
     assert len(faces) >= 1
     face = max(faces, key=lambda f: (f["box"][2] - f["box"][0]) * (f["box"][3] - f["box"][1]))
-    assert len(face["box"]) == 4 and 0 < face["score"] <= 1
+    assert len(face["box"]) == 4 and 0 < face["detection_score"] <= 1
     assert 15 < face["age"] < 60
     assert face["gender"]["label"] == "woman" and 0.5 <= face["gender"]["probability"] <= 1
     assert face["emotion"]["label"] in face["emotion"]["scores"] and len(face["emotion"]["scores"]) == 7
@@ -99,17 +101,17 @@ def test_gallery_enroll_find_list_remove(cli, media_dir, tmp_path):
     assert sorted((p["name"], p["faces"]) for p in listed) == [("biden", 1), ("obama", 1)]
 
     found = json.loads(cli("find", str(media_dir / "face_recognition/examples/obama2.jpg"), "--gallery", str(gallery), "--json").stdout)
-    assert [f["match"] for f in found] == ["obama"]
-    assert 0.5 < found[0]["score"] <= 1 and len(found[0]["box"]) == 4
+    assert [f["name"] for f in found] == ["obama"]
+    assert 0.5 < found[0]["score"] <= 1 and len(found[0]["box"]) == 4 and 0 < found[0]["detection_score"] <= 1
     two = json.loads(cli("find", str(media_dir / "face_recognition/examples/two_people.jpg"), "--gallery", str(gallery), "--json").stdout)
-    assert sorted(str(f["match"]) for f in two) == ["biden", "obama"]
+    assert sorted(str(f["name"]) for f in two) == ["biden", "obama"]
 
     cli("gallery", "rename", "biden", "joe", "--gallery", str(gallery))
     cli("gallery", "remove", "obama", "--gallery", str(gallery))
     listed = json.loads(cli("gallery", "list", "--gallery", str(gallery), "--json").stdout)
     assert [p["name"] for p in listed] == ["joe"]
     found = json.loads(cli("find", str(media_dir / "face_recognition/examples/obama2.jpg"), "--gallery", str(gallery), "--json").stdout)
-    assert [f["match"] for f in found] == [None]
+    assert [f["name"] for f in found] == [None]
 
 
 def test_gallery_import_is_all_or_nothing(cli, media_dir, tmp_path):

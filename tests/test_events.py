@@ -16,6 +16,7 @@ import pytest
 import zmq
 
 from streamer.errors import ConfigError
+from streamer.publish.events import PipelineStatus
 from streamer.publish import (
     KINDS,
     AttributesEvent,
@@ -66,6 +67,7 @@ def sample_events(stream: str = "cam1") -> list:
             queues={"frames": 2, "chips": 0},
             uptime=40.2,
         ),
+        PipelineStatus(inference="down", detail="lost the connection to tcp://127.0.0.1:5560"),
     ]
 
 
@@ -260,7 +262,7 @@ def test_every_kind_round_trips_and_matches_the_json_schema():
             assert payload["schema"] == "streamer.event/1" and payload["kind"] == event.kind
             assert payload["stream"] == event.stream and message.topic == f"{event.kind}.{event.stream}".encode()
             assert isinstance(payload["ts"], float) and abs(payload["ts"] - time.time()) < 60
-            if event.kind not in ("stream.status", "heartbeat"):
+            if event.kind not in ("stream.status", "heartbeat", "pipeline.status"):
                 assert payload["frame"] == 42 and payload["pts"] == 1.4
                 assert payload["track"] == 7 and payload["box"] == list(BOX)
             assert "embedding" not in payload and "crop" not in payload

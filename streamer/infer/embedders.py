@@ -306,11 +306,14 @@ def embedder_path(name: str, registry: ModelRegistry) -> Path:
         path = registry.paths.get("arcface")
         if path is None:
             raise ConfigError(
-                "setting embedder.name=arcface needs the model file: set models.paths.arcface "
-                "(STREAMER_MODELS__PATHS='{\"arcface\": \"/path/to/model.onnx\"}')"
+                "setting embedder.name=arcface needs the model file: pass --arcface-model PATH "
+                "or set models.paths.arcface (STREAMER_MODELS__PATHS__ARCFACE=/path/to/model.onnx)"
             )
         if not Path(path).is_file():
-            raise ModelError(f"model arcface: file not found: {path}")
+            raise ModelError(
+                f"model arcface: file not found: {path} (give an ArcFace-family .onnx file with "
+                "--arcface-model PATH or setting models.paths.arcface)"
+            )
         return Path(path)
     return registry.resolve(name)
 

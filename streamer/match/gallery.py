@@ -5,11 +5,19 @@ embedder id, so switching models never compares vectors from two different space
 
 Privacy is part of the file format:
 - `remove` really erases vectors: `secure_delete` zeroes freed content, the rollback journal (never WAL) is
-  deleted when each transaction ends so no old page copies stay beside the file, and a VACUUM afterwards
-  rebuilds the file. (Blocks the file system freed are beyond our reach; use encrypted storage for that.)
+  deleted when each transaction ends so no old page copies stay beside the file, and the file is then
+  rebuilt (`VACUUM INTO` a fresh file renamed over it: readers keep reading meanwhile, where an in-place
+  VACUUM would lock them out for as long as it runs, half a minute at 500k faces). (Blocks the file system
+  freed are beyond our reach; use encrypted storage for that.)
 - Only file names of enrolment images are kept, never the images.
 
 Writes are all-or-nothing: inputs are validated before the file is touched and each call is one transaction.
+
+Readers follow the path, not only the open file: `refresh` notices a file replaced under the same name
+(`mv new.db people.db`, the way to swap a gallery atomically) and reopens it, so a person removed that way
+stops being matched. A read-only Gallery never writes: SQLite's `mode=ro`, and where the directory cannot
+be written either (no room for WAL side files) `immutable=1`, whose changes are then found by the file's
+size and mtime.
 """
 
 from __future__ import annotations
@@ -38,6 +46,8 @@ log = logging.getLogger(__name__)
 APPLICATION_ID = 0x53545247
 SCHEMA_VERSION = 1
 BUSY_TIMEOUT_S = 5.0
+_CHUNK_ROWS = 2048  # rows copied per step when loading a matrix: the GIL is never held for long
+_SQLITE_BUSY, _SQLITE_LOCKED, _SQLITE_READONLY, _SQLITE_CANTOPEN = 5, 6, 8, 14
 
 # One statement each: executescript() would COMMIT the surrounding migration transaction.
 _SCHEMA_V1 = (
@@ -90,6 +100,49 @@ class PersonSummary:
     name: str
     faces: int
     embedder_ids: tuple[str, ...]
+
+
+@dataclass(frozen=True, eq=False)
+class Snapshot:
+    """Every face of one embedder, read in one transaction: rows grouped by person, people sorted by name.
+
+    version: `Gallery.refresh()`'s token for the state read; people: one name per group;
+    starts: (P,) first row of each person's group in `vectors` (M, D) float32 (fresh, owned by the caller).
+    """
+
+    version: tuple[int, int]
+    people: tuple[str, ...]
+    starts: np.ndarray
+    vectors: np.ndarray
+
+    @property
+    def names(self) -> list[str]:
+        """One name per row of `vectors`."""
+        ends = [*self.starts.tolist()[1:], len(self.vectors)]
+        return [name for name, start, end in zip(self.people, self.starts.tolist(), ends) for _ in range(end - start)]
+
+
+_FileId = tuple[int, int, int, int]  # st_dev, st_ino, st_size, st_mtime_ns
+
+
+def _file_id(path: Path) -> _FileId | None:
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return None
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _primary_code(exc: sqlite3.Error) -> int:
+    return getattr(exc, "sqlite_errorcode", 0) & 0xFF
 
 
 @dataclass(frozen=True)
@@ -156,29 +209,34 @@ def _now() -> str:
 class Gallery:
     """People and their embeddings in one SQLite file.
 
-    create:   make the file when it does not exist (otherwise a missing file is a GalleryError)
-    readonly: open with SQLite's `mode=ro`; every write raises GalleryError
+    create:         make the file when it does not exist (otherwise a missing file is a GalleryError)
+    readonly:       never write: SQLite's `mode=ro` (plus `immutable=1` where the directory is read-only
+                    too); every write raises GalleryError
+    busy_timeout_s: how long a statement waits for another process's lock before GalleryError
 
     Safe to share between threads (one connection behind a lock). Several processes may open the same
-    file; `matrix` notices their commits through `PRAGMA data_version`.
+    file; `refresh` (which `matrix` and `snapshot` call) notices their commits through
+    `PRAGMA data_version`, and a file replaced under the same path by reopening it.
     """
 
-    def __init__(self, path: Path | str, *, create: bool = True, readonly: bool = False) -> None:
+    def __init__(self, path: Path | str, *, create: bool = True, readonly: bool = False,
+                 busy_timeout_s: float = BUSY_TIMEOUT_S) -> None:
         self.path = Path(path)
         self.readonly = readonly
+        self._busy_timeout_s = float(busy_timeout_s)
         self._lock = threading.RLock()
         self._matrices: dict[str, tuple[list[str], np.ndarray]] = {}
         self._data_version: int | None = None
-        self._conn = self._connect(create=create and not readonly)
-        try:
-            self._prepare()
-        except BaseException:
-            self._conn.close()
-            raise
+        self._generation = 0  # bumped on every own write and reopen: part of `refresh`'s token
+        self._immutable = False
+        self._closed = False
+        self._conn = None  # set by _open below; None only while opening
+        self._check_path(create=create and not readonly)
+        self._conn, self._file = self._open(create=create and not readonly)
 
     # ----------------------------------------------------------------- opening
 
-    def _connect(self, *, create: bool) -> sqlite3.Connection:
+    def _check_path(self, *, create: bool) -> None:
         path = self.path
         try:
             exists = path.exists()
@@ -201,18 +259,65 @@ class Gallery:
                 raise GalleryError(f"gallery {path} is not writable")
             if not os.access(path.parent, os.W_OK | os.X_OK):
                 raise GalleryError(f"gallery {path}: directory {path.parent} is not writable")
+
+    def _connect(self, *, create: bool, immutable: bool = False) -> sqlite3.Connection:
         mode = "ro" if self.readonly else ("rwc" if create else "rw")
-        uri = f"file:{quote(str(path.resolve()))}?mode={mode}"
+        uri = f"file:{quote(str(self.path.resolve()))}?mode={mode}" + ("&immutable=1" if immutable else "")
         try:
             conn = sqlite3.connect(
-                uri, uri=True, timeout=BUSY_TIMEOUT_S, isolation_level=None, check_same_thread=False
+                uri, uri=True, timeout=self._busy_timeout_s, isolation_level=None, check_same_thread=False
             )
         except sqlite3.Error as exc:
-            raise GalleryError(f"cannot open gallery {path}: {exc}") from None
+            raise GalleryError(f"cannot open gallery {self.path}: {exc}") from None
         return conn
 
-    def _prepare(self) -> None:
-        conn = self._conn
+    def _open(self, *, create: bool) -> tuple[sqlite3.Connection, _FileId]:
+        """A prepared connection to the file now at `path`, and that file's identity (taken before opening:
+        a file swapped in meanwhile then differs from it, and the next `refresh` reopens once more)."""
+        before = _file_id(self.path)
+        conn = self._connect(create=create)
+        try:
+            self._immutable = False
+            self._prepare(conn)
+        except _NeedsImmutable as exc:
+            conn.close()
+            # mode=ro alone cannot read a WAL file in a directory where its -shm cannot be made. With no
+            # writer able to work there either, immutable is safe, except over an interrupted write.
+            journal = self.path.with_name(self.path.name + "-journal")
+            if journal.exists():
+                raise GalleryError(
+                    f"gallery {self.path}: an interrupted write left {journal.name}, which only a writable "
+                    "open can roll back; open the gallery where it can be written once"
+                ) from None
+            conn = self._connect(create=False, immutable=True)
+            try:
+                self._immutable = True
+                self._prepare(conn)
+            except GalleryError:
+                conn.close()
+                raise
+            except BaseException:
+                conn.close()
+                raise GalleryError(f"cannot open gallery {self.path} read-only: {exc.cause}") from None
+            log.info("gallery %s: read-only directory, opened immutable (changes are seen when the file is)",
+                     self.path)
+        except BaseException:
+            conn.close()
+            raise
+        return conn, before or _file_id(self.path) or (0, 0, 0, 0)
+
+    def _open_error(self, exc: sqlite3.Error) -> GalleryError:
+        code = _primary_code(exc)
+        if code in (_SQLITE_BUSY, _SQLITE_LOCKED):
+            return GalleryError(f"gallery {self.path} is locked by another process ({exc}); try again when it is done")
+        if isinstance(exc, sqlite3.OperationalError):
+            if self.readonly and code in (_SQLITE_READONLY, _SQLITE_CANTOPEN) and not self._immutable \
+                    and not os.access(self.path.parent, os.W_OK):
+                return _NeedsImmutable(exc)
+            return GalleryError(f"cannot open gallery {self.path}: {exc}")
+        return GalleryError(f"{self.path} is not a gallery file ({exc})")
+
+    def _prepare(self, conn: sqlite3.Connection) -> None:
         try:
             conn.execute("PRAGMA foreign_keys = ON")
             conn.execute("PRAGMA secure_delete = ON")
@@ -221,7 +326,7 @@ class Gallery:
             version = conn.execute("PRAGMA user_version").fetchone()[0]
             tables = conn.execute("SELECT count(*) FROM sqlite_schema").fetchone()[0]
         except sqlite3.DatabaseError as exc:
-            raise GalleryError(f"{self.path} is not a gallery file ({exc})") from None
+            raise self._open_error(exc) from None
         if application_id != APPLICATION_ID and (application_id != 0 or tables or version):
             raise GalleryError(f"{self.path} is an SQLite database but not a streamer gallery")
         if version > SCHEMA_VERSION:
@@ -234,24 +339,76 @@ class Gallery:
                     f"gallery {self.path} is empty or needs an upgrade (schema {version}); open it writable"
                 )
         else:
-            self._execute_pragma("PRAGMA journal_mode = DELETE")
+            try:
+                conn.execute("PRAGMA journal_mode = DELETE").fetchall()
+            except sqlite3.Error as exc:
+                raise self._open_error(exc) from None
             if version < SCHEMA_VERSION:
-                self._migrate(version)
-        self._data_version = self._read_data_version()
-
-    def _execute_pragma(self, sql: str) -> None:
+                self._migrate(conn, version)
         try:
-            self._conn.execute(sql).fetchall()
+            self._data_version = int(conn.execute("PRAGMA data_version").fetchone()[0])
         except sqlite3.Error as exc:
-            raise GalleryError(f"gallery {self.path}: {exc}") from None
+            raise self._open_error(exc) from None
 
-    def _migrate(self, version: int) -> None:
-        with self._write():
+    def _migrate(self, conn: sqlite3.Connection, version: int) -> None:
+        with self._transaction(conn):
             for step in range(version, SCHEMA_VERSION):
                 log.info("gallery %s: migrating schema %d -> %d", self.path, step, step + 1)
-                MIGRATIONS[step](self._conn)
-            self._conn.execute(f"PRAGMA application_id = {APPLICATION_ID}")
-            self._conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+                MIGRATIONS[step](conn)
+            conn.execute(f"PRAGMA application_id = {APPLICATION_ID}")
+            conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    @property
+    def busy_timeout_s(self) -> float:
+        return self._busy_timeout_s
+
+    @busy_timeout_s.setter
+    def busy_timeout_s(self, seconds: float) -> None:
+        """Applies to the open connection and to any reopened later."""
+        with self._lock:
+            self._busy_timeout_s = float(seconds)
+            self._conn.execute(f"PRAGMA busy_timeout = {int(self._busy_timeout_s * 1000)}")
+
+    def refresh(self) -> tuple[int, int]:
+        """Follow the path, then return a token that changes whenever what this Gallery reads may have.
+
+        A file replaced under the same path (another inode; for an immutable open also another size or
+        mtime) is reopened, and the old connection closed; if the new file cannot be opened the old one
+        stays in use and GalleryError says why. GalleryError too while another process holds the file
+        locked for longer than `busy_timeout_s`.
+        """
+        with self._lock:
+            self._follow_path()
+            try:
+                version = int(self._conn.execute("PRAGMA data_version").fetchone()[0])
+            except sqlite3.Error as exc:
+                raise self._read_error(exc) from None
+            if version != self._data_version:
+                self._matrices.clear()
+                self._data_version = version
+            return self._generation, version
+
+    def _follow_path(self) -> None:
+        now = _file_id(self.path)
+        if now is None:
+            raise GalleryError(f"gallery {self.path} no longer exists (moved or deleted)")
+        if now[:2] == self._file[:2] and not (self._immutable and now != self._file):
+            return
+        immutable = self._immutable
+        try:
+            conn, file = self._open(create=False)
+        except BaseException:
+            self._immutable = immutable
+            raise
+        old, self._conn, self._file = self._conn, conn, file
+        old.close()
+        self._matrices.clear()
+        self._generation += 1
+        log.info("gallery %s: the file was replaced; reopened it", self.path)
 
     # ---------------------------------------------------------------- plumbing
 
@@ -261,34 +418,57 @@ class Gallery:
         if self.readonly:
             raise GalleryError(f"gallery {self.path} is open read-only")
         with self._lock:
-            conn = self._conn
+            # A file rebuilt by another writer's `remove` (or swapped in by hand) is the gallery now:
+            # writing to the one still open would be lost.
+            self._follow_path()
             try:
-                conn.execute("BEGIN IMMEDIATE")
-            except sqlite3.OperationalError as exc:
-                raise GalleryError(f"cannot write gallery {self.path}: {exc}") from None
-            try:
-                yield conn
-                conn.execute("COMMIT")
-            except BaseException as exc:
-                if conn.in_transaction:
-                    conn.execute("ROLLBACK")
-                if isinstance(exc, sqlite3.Error):
-                    raise GalleryError(f"cannot write gallery {self.path}: {exc}") from None
-                raise
+                with self._transaction(self._conn) as conn:
+                    yield conn
             finally:
                 self._matrices.clear()
+                self._generation += 1  # data_version only counts other connections' commits
+
+    @contextmanager
+    def _transaction(self, conn: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            if conn is self._conn and (_file_id(self.path) or (0, 0))[:2] != self._file[:2]:
+                # Renamed while we waited for the lock (another writer's rebuild): write to the new file.
+                conn.execute("ROLLBACK")
+                self._follow_path()
+                conn = self._conn
+                conn.execute("BEGIN IMMEDIATE")
+        except sqlite3.OperationalError as exc:
+            raise GalleryError(f"cannot write gallery {self.path}: {exc}") from None
+        try:
+            yield conn
+            conn.execute("COMMIT")
+        except BaseException as exc:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            if isinstance(exc, sqlite3.Error):
+                raise GalleryError(f"cannot write gallery {self.path}: {exc}") from None
+            raise
 
     def _read(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
         with self._lock:
             try:
                 return self._conn.execute(sql, params).fetchall()
             except sqlite3.Error as exc:
-                raise GalleryError(f"cannot read gallery {self.path}: {exc}") from None
+                raise self._read_error(exc) from None
 
-    def _read_data_version(self) -> int:
-        return int(self._read("PRAGMA data_version")[0][0])
+    def _read_error(self, exc: sqlite3.Error) -> GalleryError:
+        if _primary_code(exc) in (_SQLITE_BUSY, _SQLITE_LOCKED):
+            return GalleryError(f"cannot read gallery {self.path}: locked by another process ({exc})")
+        return GalleryError(f"cannot read gallery {self.path}: {exc}")
 
     def close(self) -> None:
+        was_closed, self._closed = self._closed, True
+        if self.readonly and not was_closed:
+            try:
+                self._conn.interrupt()  # a long read on another thread (a matcher's reload) ends now
+            except sqlite3.Error:
+                pass
         with self._lock:
             self._conn.close()
             self._matrices.clear()
@@ -411,13 +591,45 @@ class Gallery:
         return int(row[1])
 
     def _vacuum(self) -> None:
-        # secure_delete already zeroed the freed cells; VACUUM also drops the freed pages and any
-        # fragments left in unused page space, so nothing of the person survives in the file.
+        """Rebuild the file from its live content only.
+
+        secure_delete already zeroed the freed cells; rebuilding also drops the freed pages and any
+        fragments left in unused page space, so nothing of the person survives in the file. The copy is
+        made while a second connection holds the write lock (other writers wait, readers do not) and then
+        renamed over the file; writers that waited notice the rename (see `_write`) and use the new file.
+        """
         with self._lock:
+            target = self.path.resolve()  # a symlinked gallery keeps its link
             try:
-                self._conn.execute("VACUUM")
-            except sqlite3.Error as exc:
+                if os.stat(target).st_nlink > 1:  # a rename would split the hard links: rebuild in place
+                    self._conn.execute("VACUUM")
+                    return
+            except (OSError, sqlite3.Error) as exc:
                 raise GalleryError(f"gallery {self.path}: removed, but VACUUM failed: {exc}") from None
+            fresh = target.with_name(f".{target.name}.vacuum-{os.getpid()}")
+            guard = self._connect(create=False)
+            try:
+                guard.execute("BEGIN IMMEDIATE")
+                if (_file_id(self.path) or (0, 0))[:2] != self._file[:2]:
+                    raise GalleryError(f"gallery {self.path}: removed, but the file was replaced meanwhile")
+                fresh.unlink(missing_ok=True)
+                self._conn.execute("VACUUM INTO ?", (str(fresh),))
+                st = os.stat(target)
+                os.chmod(fresh, st.st_mode & 0o7777)
+                if os.geteuid() == 0:
+                    os.chown(fresh, st.st_uid, st.st_gid)
+                with open(fresh, "rb+") as f:
+                    os.fsync(f.fileno())
+                os.replace(fresh, target)
+                _fsync_dir(target.parent)
+            except (OSError, sqlite3.Error) as exc:
+                raise GalleryError(f"gallery {self.path}: removed, but rebuilding the file failed: {exc}") from None
+            finally:
+                fresh.unlink(missing_ok=True)
+                if guard.in_transaction:
+                    guard.execute("ROLLBACK")
+                guard.close()
+            self._follow_path()
 
     # ------------------------------------------------------------------- reads
 
@@ -477,32 +689,91 @@ class Gallery:
         """Every face of one embedder: (names, one per row; vectors (M, D) float32, read-only).
 
         Rows are grouped by person (sorted by name). Cached until this object or any other connection
-        (another Gallery, another process) changes the file; the returned objects are the cached ones, so
-        an unchanged identity means an unchanged gallery. Empty gallery: ([], (0, 0) array).
+        (another Gallery, another process) changes the file, or the file is replaced; the returned objects
+        are the cached ones, so an unchanged identity means an unchanged gallery. Empty gallery: ([], (0, 0)).
         """
         with self._lock:
-            version = self._read_data_version()
-            if version != self._data_version:
-                self._matrices.clear()
-                self._data_version = version
+            self.refresh()
             cached = self._matrices.get(embedder_id)
             if cached is not None:
                 return cached
-            rows = self._read(
-                "SELECT p.name, f.dim, f.vector FROM faces f JOIN people p ON p.id = f.person_id "
-                "WHERE f.embedder_id = ? ORDER BY p.name, f.id",
-                (embedder_id,),
-            )
-            names = [r[0] for r in rows]
-            if rows:
-                dim = int(rows[0][1])
-                vectors = np.frombuffer(b"".join(r[2] for r in rows), dtype=np.float32).reshape(len(rows), dim)
-            else:
-                vectors = np.zeros((0, 0), dtype=np.float32)
+            snapshot = self.snapshot(embedder_id)
+            vectors = snapshot.vectors
             vectors.setflags(write=False)  # the cache is shared: nobody may edit it in place
-            result = (names, vectors)
+            result = (snapshot.names, vectors)
             self._matrices[embedder_id] = result
             return result
 
+    def snapshot(self, embedder_id: str) -> Snapshot:
+        """Every face of one embedder, fresh (never cached) and consistent (one read transaction).
 
-__all__ = ["Gallery", "GalleryError", "Person", "PersonSummary", "clean_name", "APPLICATION_ID", "SCHEMA_VERSION"]
+        Built to be called off the hot path on large galleries: rows are copied in small steps, so a
+        thread that loads 500k faces leaves the others running, and nothing is sorted but by index.
+        """
+        with self._lock:
+            self.refresh()
+            conn = self._conn
+            cursor = None
+            try:
+                conn.execute("BEGIN")  # DEFERRED: a shared lock, for a consistent count, rows and version
+                version = int(conn.execute("PRAGMA data_version").fetchone()[0])
+                # CROSS JOIN fixes the join order: people by the name index, then each one's faces by
+                # index, so rows arrive grouped and in name order without a sort of the vectors. The
+                # groups come from the two indexes alone; the vector rows then carry nothing else.
+                groups = conn.execute(
+                    "SELECT p.name, count(*) FROM people p CROSS JOIN faces f ON f.person_id = p.id "
+                    "WHERE f.embedder_id = ? GROUP BY p.name ORDER BY p.name",
+                    (embedder_id,),
+                ).fetchall()
+                dim = self._embedder_dim(conn, embedder_id)
+                if not groups or dim is None:
+                    empty = np.zeros((0, 0), dtype=np.float32)
+                    return Snapshot((self._generation, version), (), np.zeros(0, np.intp), empty)
+                sizes = np.fromiter((n for _, n in groups), dtype=np.intp, count=len(groups))
+                starts = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.intp)
+                count = int(sizes.sum())
+                vectors = np.empty((count, int(dim)), dtype=np.float32)
+                # Each blob straight into its row: no joined copy of the whole chunk on the way.
+                out, step, row = memoryview(vectors).cast("B"), 4 * int(dim), 0
+                cursor = conn.execute(
+                    "SELECT f.vector FROM people p CROSS JOIN faces f ON f.person_id = p.id "
+                    "WHERE f.embedder_id = ? ORDER BY p.name, f.id",
+                    (embedder_id,),
+                )
+                while chunk := cursor.fetchmany(_CHUNK_ROWS):
+                    if row + len(chunk) > count:
+                        raise GalleryError(f"gallery {self.path} changed during a read (more rows than counted)")
+                    try:
+                        for (blob,) in chunk:
+                            out[row * step:(row + 1) * step] = blob
+                            row += 1
+                    except ValueError:  # a blob of another length
+                        raise GalleryError(
+                            f"gallery {self.path}: embedder {embedder_id!r} has vectors of mixed length"
+                        ) from None
+                if row != count:
+                    raise GalleryError(f"gallery {self.path} changed during a read (fewer rows than counted)")
+                return Snapshot((self._generation, version), tuple(name for name, _ in groups), starts, vectors)
+            except sqlite3.Error as exc:
+                raise self._read_error(exc) from None
+            finally:
+                if cursor is not None:
+                    cursor.close()
+                if not self._closed and conn.in_transaction:
+                    try:
+                        conn.execute("COMMIT")  # ends the read; nothing was written
+                    except sqlite3.Error:
+                        pass
+
+
+class _NeedsImmutable(GalleryError):
+    """mode=ro could not read the file in a read-only directory; carries SQLite's reason."""
+
+    def __init__(self, cause: sqlite3.Error) -> None:
+        super().__init__(str(cause))
+        self.cause = cause
+
+
+__all__ = [
+    "Gallery", "GalleryError", "Person", "PersonSummary", "Snapshot", "clean_name", "APPLICATION_ID", "SCHEMA_VERSION",
+]

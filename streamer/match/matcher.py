@@ -9,19 +9,47 @@ Score
 exactly 0.5 at the threshold (so score > 0.5 <=> recognised) and 0 at twice the threshold or beyond. It
 is monotone in the distance and comparable across embedders, unlike the raw distance; it is not a
 probability.
+
+Reloading
+A matcher answers from an index built from one `Gallery.snapshot`. By default it checks the gallery on each
+call (one stat and one PRAGMA) and rebuilds when it changed, which suits one-shot callers. With
+`background=True` (what `open_matcher`, the pipeline's, uses) `match` never touches SQLite: a thread polls
+the gallery every `poll_s`, builds the new index beside the old one and swaps it in whole, so the hot path
+neither waits for a 500k-face reload nor for another process's lock. Either way, when the gallery cannot
+be read (locked past its busy timeout, replaced by something that is not a gallery, deleted) matching goes
+on with the last good index, `status.stale` says so, and a warning is logged (rate limited) until it reads
+again.
 """
 
 from __future__ import annotations
 
+import logging
 import math
-from dataclasses import dataclass
+import threading
+import time
+from dataclasses import dataclass, replace
 
 import numpy as np
 
-from streamer.match.distance import METRICS, Metric, PreparedGallery, check_metric, pairwise, prepare_gallery
-from streamer.match.gallery import Gallery
+from streamer.logutil import RateLimitedLog
+from streamer.match.distance import (
+    _MIN_NORM,
+    METRICS,
+    Metric,
+    PreparedGallery,
+    check_metric,
+    pairwise,
+    prepare_gallery,
+)
+from streamer.match.gallery import Gallery, GalleryError, Snapshot
 
-__all__ = ["METRICS", "Match", "Matcher", "Metric"]
+__all__ = ["METRICS", "GalleryStatus", "Match", "Matcher", "Metric", "open_matcher"]
+
+log = logging.getLogger(__name__)
+
+RELOAD_POLL_S = 0.25  # a replaced or edited gallery shows within this (plus its load time)
+RELOAD_BUSY_TIMEOUT_S = 0.5  # a background poll waits no longer for a lock: it retries at the next one
+STALE_WARNING_INTERVAL_S = 30.0
 
 
 @dataclass(frozen=True)
@@ -41,10 +69,28 @@ class Match:
 
 
 @dataclass(frozen=True)
-class _Index:
-    """The gallery matrix prepared for one metric: faces grouped by person, norms precomputed."""
+class GalleryStatus:
+    """What the matcher answers from, for heartbeats and status events.
 
-    source: np.ndarray  # the gallery's cached matrix this was built from (identity = freshness)
+    stale: the latest attempt to re-read the gallery failed (`error` says why); answers come from the copy
+    loaded at `loaded_at` (time.time()) until a read succeeds again. reloads counts loads after the first,
+    failures the failed attempts (one per poll while the fault lasts).
+    """
+
+    stale: bool = False
+    people: int = 0
+    faces: int = 0
+    loaded_at: float | None = None
+    reloads: int = 0
+    failures: int = 0
+    error: str | None = None
+
+
+@dataclass(frozen=True)
+class _Index:
+    """The gallery prepared for one metric: faces grouped by person, norms precomputed."""
+
+    version: tuple[int, int]  # the gallery's refresh() token it was read at (equal = still current)
     people: tuple[str, ...]  # one per group, in group order
     starts: np.ndarray  # (P,) first column of each person's faces in `faces`
     faces: PreparedGallery  # (M, D) rows grouped by person, ready for `pairwise`
@@ -54,10 +100,35 @@ class _Index:
         return self.faces.vectors.shape[1]
 
 
-class Matcher:
-    """Matches query embeddings (N, D) against everyone enrolled for one embedder id."""
+def _build_index(snapshot: Snapshot, metric: Metric) -> _Index:
+    people, starts, vectors = snapshot.people, snapshot.starts, snapshot.vectors
+    if len(set(people)) != len(people):  # the gallery groups rows by person; regroup if it ever did not
+        names = np.asarray(snapshot.names, dtype=object)
+        labels, inverse = np.unique(names, return_inverse=True)
+        order = np.argsort(inverse, kind="stable")
+        people = tuple(str(x) for x in labels)
+        starts = np.searchsorted(inverse[order], np.arange(len(labels)))
+        vectors = vectors[order]
+    if metric == "cosine" and vectors.flags.writeable and vectors.flags.c_contiguous:
+        # The snapshot's rows are ours: normalised in place, a large gallery is not held twice meanwhile.
+        norms = np.sqrt(np.einsum("ij,ij->i", vectors, vectors))
+        np.maximum(norms, _MIN_NORM, out=norms)
+        vectors /= norms[:, None]
+        faces = PreparedGallery("cosine", vectors, np.zeros(0, np.float32))
+    else:
+        faces = prepare_gallery(vectors, metric)
+    return _Index(snapshot.version, people, starts.astype(np.intp), faces)
 
-    def __init__(self, gallery: Gallery, embedder_id: str, metric: Metric, threshold: float) -> None:
+
+class Matcher:
+    """Matches query embeddings (N, D) against everyone enrolled for one embedder id.
+
+    background: keep the index current from a thread (see the module docstring); the first load happens
+    here, so a gallery that cannot be read fails now. `close()` stops the thread, as does closing the gallery.
+    """
+
+    def __init__(self, gallery: Gallery, embedder_id: str, metric: Metric, threshold: float, *,
+                 background: bool = False, poll_s: float = RELOAD_POLL_S) -> None:
         if not isinstance(embedder_id, str) or not embedder_id:
             raise ValueError(f"embedder_id: expected a non-empty string, got {embedder_id!r}")
         check_metric(metric)
@@ -65,36 +136,105 @@ class Matcher:
             raise ValueError(f"threshold: expected a finite number > 0, got {threshold!r}")
         if metric == "cosine" and threshold > 2:
             raise ValueError(f"threshold: cosine distances lie in [0, 2], got {threshold}")
+        if not (isinstance(poll_s, int | float) and poll_s > 0):
+            raise ValueError(f"poll_s: expected a number > 0, got {poll_s!r}")
         self.gallery = gallery
         self.embedder_id = embedder_id
         self.metric: Metric = metric
         self.threshold = float(threshold)
+        self.poll_s = float(poll_s)
         self._index: _Index | None = None
+        self._status = GalleryStatus()
+        self._stale_since: float | None = None
+        self._warn = RateLimitedLog(log, STALE_WARNING_INTERVAL_S)
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        if background:
+            self._load()
+            self._thread = threading.Thread(target=self._poll, name="gallery-reload", daemon=True)
+            self._thread.start()
 
     def __repr__(self) -> str:
         return f"Matcher({self.gallery!r}, {self.embedder_id!r}, {self.metric!r}, threshold={self.threshold})"
+
+    @property
+    def status(self) -> GalleryStatus:
+        return self._status
+
+    @property
+    def stale(self) -> bool:
+        return self._status.stale
+
+    def close(self) -> None:
+        """Stop the background thread (if any); the gallery stays open."""
+        self._stop.set()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(timeout=5.0)
 
     def score(self, distance: float | np.ndarray) -> float | np.ndarray:
         """Similarity in [0, 1]; 0.5 exactly at the threshold (see module docstring)."""
         return np.maximum(0.0, 1.0 - np.asarray(distance, dtype=np.float64) / (2.0 * self.threshold))
 
+    # --------------------------------------------------------------- reloading
+
+    def _load(self) -> bool:
+        """Bring the index up to date with the gallery; True when it was rebuilt. GalleryError when the
+        gallery cannot be read (the index is then unchanged)."""
+        version = self.gallery.refresh()
+        current = self._index
+        if current is not None and current.version == version:
+            return False
+        snapshot = self.gallery.snapshot(self.embedder_id)
+        index = _build_index(snapshot, self.metric)
+        del snapshot
+        self._index = index  # one reference swap: a concurrent match sees the old index or the new
+        status = self._status
+        self._status = replace(status, people=len(index.people), faces=len(index.faces), loaded_at=time.time(),
+                               reloads=status.reloads + (current is not None))
+        return True
+
+    def _refresh(self) -> None:
+        """One attempt at `_load` that never raises once an index exists: a failure marks the index stale."""
+        try:
+            self._load()
+        except Exception as exc:  # noqa: BLE001 - on the reload thread whatever broke it, the old index answers
+            if self._index is None or (self._thread is None and not isinstance(exc, GalleryError)):
+                raise
+            if self._stop.is_set() or self.gallery.closed:
+                return
+            self._mark_stale(exc)
+            return
+        if self._status.stale:
+            lasted = time.monotonic() - (self._stale_since or time.monotonic())
+            self._status = replace(self._status, stale=False, error=None)
+            self._stale_since = None
+            log.warning("gallery %s: readable again after %.1f s; %d people, %d faces", self.gallery.path,
+                        lasted, self._status.people, self._status.faces)
+
+    def _mark_stale(self, exc: Exception) -> None:
+        reason = str(exc) if isinstance(exc, GalleryError) else f"{type(exc).__name__}: {exc}"
+        status = self._status
+        self._status = replace(status, stale=True, error=reason, failures=status.failures + 1)
+        if self._stale_since is None:
+            self._stale_since = time.monotonic()
+        age = time.time() - status.loaded_at if status.loaded_at is not None else float("nan")
+        self._warn.warning("stale", "%s; matching with the copy loaded %.0f s ago (%d people) and retrying",
+                           reason, age, status.people)
+
+    def _poll(self) -> None:
+        while not self._stop.wait(self.poll_s):
+            if self.gallery.closed:
+                return
+            self._refresh()
+
     def _current_index(self) -> _Index:
-        names, vectors = self.gallery.matrix(self.embedder_id)
+        if self._thread is None:
+            self._refresh()
         index = self._index
-        if index is not None and index.source is vectors:
-            return index
-        # The gallery already groups rows by person; a stable sort keeps this correct if it ever did not.
-        labels, inverse = np.unique(np.asarray(names, dtype=object), return_inverse=True)
-        order = np.argsort(inverse, kind="stable")
-        starts = np.searchsorted(inverse[order], np.arange(len(labels)))
-        index = _Index(
-            source=vectors,
-            people=tuple(str(x) for x in labels),
-            starts=starts.astype(np.intp),
-            faces=prepare_gallery(vectors[order], self.metric),
-        )
-        self._index = index
+        assert index is not None  # the first load either succeeded or raised
         return index
+
+    # ---------------------------------------------------------------- matching
 
     def _check_queries(self, queries: np.ndarray, index: _Index) -> np.ndarray:
         if not isinstance(queries, np.ndarray) or queries.ndim != 2:
@@ -155,11 +295,21 @@ class Matcher:
 
 
 def open_matcher(path, spec) -> tuple[Gallery | None, Matcher | None]:  # noqa: ANN001
-    """The gallery at `path` (read-only, never created) and a matcher for embedder `spec`; (None, None)
-    without a gallery: every face is then unknown."""
+    """The gallery at `path` (read-only, never created) and a background-reloading matcher for embedder
+    `spec`; (None, None) without a gallery: every face is then unknown.
+
+    Opening waits up to the gallery's usual busy timeout for another process's lock; after the first load
+    the reload thread waits only briefly and retries instead, with the last good copy answering meanwhile.
+    """
     if path is None:
         return None, None
     from pathlib import Path
 
     gallery = Gallery(Path(path), create=False, readonly=True)
-    return gallery, Matcher(gallery, spec.id, spec.metric, spec.threshold)
+    try:
+        matcher = Matcher(gallery, spec.id, spec.metric, spec.threshold, background=True)
+    except BaseException:
+        gallery.close()
+        raise
+    gallery.busy_timeout_s = RELOAD_BUSY_TIMEOUT_S
+    return gallery, matcher

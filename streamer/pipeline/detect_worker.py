@@ -4,11 +4,16 @@ track recognisers together, and hands their events to the supervisor.
 One process. One reader thread per source (PyAV releases the GIL while decoding); everything stateful
 lives on this process's main thread. The supervisor owns the public socket and `seq`, so a restarted
 worker never resets it; it passes `first_track_ids` so track ids are never reused within a run.
+
+The inference client's health changes become `pipeline.status` events (inference down/up, with why), and
+its state rides on every stats message for the heartbeat. A supervisor that is gone (SIGKILL) stops
+the worker at once, without a drain: there is nobody left to publish to (`worker_base.OrphanGuard`).
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import sys
 import time
@@ -22,9 +27,10 @@ from streamer.config import Settings
 from streamer.errors import StreamerError
 from streamer.pipeline.inference_client import InferenceClient
 from streamer.pipeline.messages import WorkerStats, control_frames, event_frames
+from streamer.pipeline.metrics import BATCH_FACES, DETECT_SECONDS, INFERENCE_SECONDS, Buckets
 from streamer.match.matcher import open_matcher
 from streamer.pipeline.slot import StreamSlot
-from streamer.publish.events import Event
+from streamer.publish.events import Event, PipelineStatus
 from streamer.publish.output import AnnotatedOutput, face_labels
 from streamer.sockets import SocketDefaults, SocketKind, make_socket
 
@@ -41,9 +47,17 @@ class DetectWorker:
 
         self.settings = settings
         self.running = True
+        self.orphaned = False
         models = ModelFactory(settings)
-        self.detector = models.detector(for_tracking=True)
-        self.detector.detect(np.zeros((720, 1280, 3), np.uint8))  # first-run setup now, not on frame 1
+        self.histograms = {
+            "detect_seconds": Buckets(DETECT_SECONDS),
+            "inference_seconds": Buckets(INFERENCE_SECONDS),
+            "batch_faces": Buckets(BATCH_FACES),
+            "batch_seconds": Buckets(INFERENCE_SECONDS),
+        }
+        detector = models.detector(for_tracking=True)
+        detector.detect(np.zeros((720, 1280, 3), np.uint8))  # first-run setup now, not on frame 1 (nor timed)
+        self.detector = _TimedDetector(detector, self.histograms["detect_seconds"])
         spec = models.embedder_spec
         self.chips = ChipPreparer(spec, settings.attributes.enabled)
         self.gallery, self.matcher = open_matcher(settings.gallery.path, spec)
@@ -62,12 +76,18 @@ class DetectWorker:
     def stop(self, *_: object) -> None:
         self.running = False
 
+    def orphan(self) -> None:
+        """The supervisor is gone: stop decoding now; nothing more is sent."""
+        self.orphaned = True
+        self.running = False
+
     def run(self) -> None:
         try:
             self._open_streams()
             while self.running and not all(slot.ended for slot in self.slots):
                 self._turn()
-            self._drain()
+            if not self.orphaned:
+                self._drain()
         finally:
             self._close()
 
@@ -100,6 +120,7 @@ class DetectWorker:
                 self._send(slot.end(stopped=False))
         self._results(timeout_ms=0 if worked else 5)
         self.client.expire()
+        self._check_inference()
         if time.monotonic() - self.last_stats >= min(1.0, self.settings.publish.heartbeat_s):
             self._send_stats()
         self._check_reachable()
@@ -120,11 +141,20 @@ class DetectWorker:
 
     def _results(self, timeout_ms: int) -> None:
         for answered in self.client.receive(timeout_ms):
+            # Seen from this client, so a remote inference worker is measured too (it has no control channel
+            # to our supervisor); a batch shared by several requests is observed once per request.
+            self.histograms["inference_seconds"].observe(answered.waited_s)
+            self.histograms["batch_faces"].observe(answered.result.batch)
+            self.histograms["batch_seconds"].observe(answered.result.infer_ms / 1000)
             slot = next((s for s in self.slots if s.id == answered.batch.stream), None)
             if slot is None:
                 continue
             for event, crop in slot.recogniser.on_results(answered.batch, answered.result.arrays, answered.crops):
                 self._send([event], answered.batch.decoded_at, crop)
+
+    def _check_inference(self) -> None:
+        for change in self.client.poll_health():
+            self._send([PipelineStatus(inference=change.status, detail=change.detail)])
 
     def _check_reachable(self) -> None:
         from streamer.pipeline.slot import check_reachable
@@ -136,6 +166,12 @@ class DetectWorker:
         deadline = time.monotonic() + DRAIN_TIMEOUT_S
         while self.client.pending and time.monotonic() < deadline:
             self._results(timeout_ms=50)
+            self._check_inference()  # a worker that is down ends the wait
+        client = self.client
+        if self.running and client.faces_sent + client.faces_dropped:
+            # The input ended: a worker that never answered is down, with why, not still "starting".
+            for change in client.give_up():
+                self._send([PipelineStatus(inference=change.status, detail=change.detail)])
         for slot in self.slots:
             self._send(slot.end(stopped=not self.running))
         self._send_stats()
@@ -148,8 +184,9 @@ class DetectWorker:
         if self.gallery is not None:
             self.gallery.close()
         self.client.close()
-        self.events.close(linger=2000)  # let the last events reach the supervisor
-        self.control.close(linger=2000)
+        linger = 0 if self.orphaned else 2000  # let the last events reach the supervisor, if there is one
+        self.events.close(linger=linger)
+        self.control.close(linger=linger)
 
     def _send(self, events: list[Event], decoded_at: float | None = None, crop: bytes | None = None) -> None:
         for event in events:
@@ -168,8 +205,15 @@ class DetectWorker:
                     "inference_expired": client.expired},
             faces_sent=client.faces_sent,
             faces_embedded=client.faces_embedded,
+            faces_dropped=client.faces_dropped,
+            inference=client.health,
+            inference_detail=client.health_detail,
+            inference_ever_up=client.ever_up,
+            inference_up=None if client.health == "starting" else client.health == "up",
             first_frame_at=self.first_frame_at,
             last_frame_at=self.last_frame_at,
+            pid=os.getpid(),
+            histograms={name: buckets.snapshot() for name, buckets in self.histograms.items()},
         )
         try:
             self.control.send_multipart(control_frames(stats), zmq.NOBLOCK)
@@ -177,21 +221,46 @@ class DetectWorker:
             pass  # the next one carries the same totals
 
 
+class _TimedDetector:
+    """The detector, each call timed into streamer_detection_seconds; everything else passes through."""
+
+    def __init__(self, detector: Any, buckets: Buckets) -> None:
+        self._detector = detector
+        self._buckets = buckets
+
+    def detect(self, image: np.ndarray) -> Any:
+        started = time.perf_counter()
+        try:
+            return self._detector.detect(image)
+        finally:
+            self._buckets.observe(time.perf_counter() - started)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._detector, name)
+
+
 def detect_main(settings_data: dict[str, Any], inference_endpoint: str, events_endpoint: str, control_endpoint: str,
-                first_track_ids: dict[str, int], log_level: int = logging.WARNING) -> None:
-    """Process entry point (spawned by the supervisor)."""
-    from streamer.pipeline.worker_base import report_fatal, watch_parent
+                first_track_ids: dict[str, int], log_level: int = logging.WARNING,
+                temp_folder: str | None = None) -> None:
+    """Process entry point (spawned by the supervisor). `temp_folder` is the supervisor's, removed by us
+    if it dies without cleaning up."""
+    from streamer.pipeline.worker_base import OrphanGuard, report_fatal
 
     logging.basicConfig(level=log_level, format="%(asctime)s %(levelname)s detect: %(message)s", stream=sys.stderr)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor turns Ctrl-C into SIGTERM for us
+    # Armed before the models load: a supervisor killed meanwhile must not leave us behind either.
+    guard = OrphanGuard(temp_folder).start()
     try:
         worker = DetectWorker(Settings(**settings_data), inference_endpoint, events_endpoint, control_endpoint,
                               first_track_ids=first_track_ids)
+        guard.attach(worker.orphan)
         signal.signal(signal.SIGTERM, worker.stop)
-        watch_parent(worker.stop)
         worker.run()
     except StreamerError as exc:
         # A user error (missing file, bad gallery, other models on the inference worker): the supervisor
         # prints one line and exits non-zero instead of restarting us forever.
-        report_fatal(control_endpoint, "detect", str(exc))
-        sys.exit(2)
+        if not guard.orphaned.is_set():
+            report_fatal(control_endpoint, "detect", str(exc))
+            sys.exit(2)
+    finally:
+        guard.finish()

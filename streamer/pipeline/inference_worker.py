@@ -182,19 +182,25 @@ class InferenceWorker:
 
 
 def inference_main(settings_data: dict[str, Any], endpoint: str, control_endpoint: str | None = None,
-                   log_level: int = logging.WARNING) -> None:
+                   log_level: int = logging.WARNING, temp_folder: str | None = None) -> None:
     """Process entry point (spawned by the supervisor). A user error (missing model, bad bind address)
-    goes to the supervisor as one line, never as a traceback and a restart loop."""
-    from streamer.pipeline.worker_base import report_fatal, watch_parent
+    goes to the supervisor as one line, never as a traceback and a restart loop. A supervisor that dies
+    without stopping us (SIGKILL) is noticed within a moment; we then close our socket (its ipc file and
+    port go with it) and remove the supervisor's `temp_folder`."""
+    from streamer.pipeline.worker_base import OrphanGuard, report_fatal
 
     logging.basicConfig(level=log_level, format="%(asctime)s %(levelname)s inference: %(message)s", stream=sys.stderr)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor decides when we stop
+    guard = OrphanGuard(temp_folder).start()
     try:
-        worker = InferenceWorker(Settings(**settings_data), endpoint)
-    except StreamerError as exc:
-        report_fatal(control_endpoint, "inference", str(exc))
-        sys.exit(2)
-    signal.signal(signal.SIGTERM, worker.stop)
-    watch_parent(worker.stop)
-    log.info("inference worker on %s (device %s)", endpoint, worker.models.device)
-    worker.serve()
+        try:
+            worker = InferenceWorker(Settings(**settings_data), endpoint)
+        except StreamerError as exc:
+            report_fatal(control_endpoint, "inference", str(exc))
+            sys.exit(2)
+        guard.attach(worker.stop)
+        signal.signal(signal.SIGTERM, worker.stop)
+        log.info("inference worker on %s (device %s)", endpoint, worker.models.device)
+        worker.serve()
+    finally:
+        guard.finish()

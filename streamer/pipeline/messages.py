@@ -3,8 +3,8 @@
 - events (PUSH -> PULL): public events, built as typed models where they are born, each with an
   internal envelope: `[meta JSON, event JSON, optional JPEG crop]`. The supervisor validates all
   three again on receipt (it is another process), stamps `seq` and publishes.
-- control (PUSH -> PULL): `WorkerStats` (heartbeat numbers, progress, restart bookkeeping) and
-  `WorkerFatal` (a user error that ends the run with one line). Never published as events.
+- control (PUSH -> PULL): `WorkerStats` (heartbeat numbers, progress, restart bookkeeping, the inference
+  link's state) and `WorkerFatal` (a user error that ends the run with one line). Never published as events.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from typing import Annotated, Literal, Union
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
+from streamer.pipeline.metrics import HistogramSnapshot
 from streamer.publish.events import Event, FaceEvent, parse_internal_event
 
 MAX_CROP_BYTES = 4 * 1024 * 1024
@@ -45,9 +46,15 @@ class WorkerStats(_Message):
     queues: dict[str, int] = {}
     faces_sent: int = 0
     faces_embedded: int = 0
+    faces_dropped: int = 0  # faces not sent: the link was full, or inference down
     first_frame_at: float | None = None  # time.monotonic() of the first frame read
     last_frame_at: float | None = None
-    inference_up: bool | None = None
+    inference: Literal["starting", "up", "down"] = "starting"  # the inference client's view of its worker
+    inference_detail: str = Field("", max_length=2000)
+    inference_ever_up: bool = False  # it answered at least once: recognition worked
+    inference_up: bool | None = None  # `inference` as a gauge: None while starting
+    pid: int | None = None  # the sender's, so totals that restart at 0 in a new process are kept
+    histograms: dict[str, HistogramSnapshot] = Field({}, max_length=16)
 
 
 class WorkerFatal(_Message):

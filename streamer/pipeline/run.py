@@ -8,6 +8,13 @@
 The supervisor stamps `seq` on every event, so a restarted worker never makes subscribers see seq
 start over. SIGINT/SIGTERM become a graceful drain: the detect worker finishes in-flight inference,
 ends every track, publishes the final stream status, and everything exits 0.
+
+Inference going down or coming back (the detect worker's `pipeline.status` events) is published once per
+change, whichever detect worker saw it, and said on stderr with what to check. A run in which recognition
+never worked although faces needed it ends with exit code 1 and one line saying why.
+Killed with SIGKILL, the supervisor cleans up nothing; its workers notice and remove its temporary
+folder themselves (`worker_base.OrphanGuard`); a folder that outlived every process (all killed at once)
+is removed by the next supervisor to start (`sweep_stale_folders`).
 """
 
 from __future__ import annotations
@@ -15,6 +22,7 @@ from __future__ import annotations
 import logging
 import multiprocessing
 import os
+import shutil
 import signal
 import sys
 import tempfile
@@ -22,6 +30,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import zmq
@@ -36,6 +45,7 @@ log = logging.getLogger(__name__)
 MAX_RESTARTS = 5  # within RESTART_WINDOW_S; beyond that the failure is not transient
 RESTART_WINDOW_S = 60.0
 STOP_GRACE_S = 20.0
+OWNER_FILE = "owner"  # in the temporary folder: "<pid> <start time>" of the supervisor that made it
 
 
 class PipelineFailed(StreamerError):
@@ -51,6 +61,7 @@ class RunSummary:
     frames: int = 0
     faces_sent: int = 0
     faces_embedded: int = 0  # faces whose results came back
+    faces_dropped: int = 0  # faces never sent to inference (link full, inference down)
     first_frame_at: float | None = None  # time.monotonic() of the first frame read
     last_published_at: float | None = None  # of the last event other than a heartbeat
     started: float = field(default_factory=time.monotonic)
@@ -185,7 +196,11 @@ class Supervisor:
         self.log_level = log_level if log_level is not None else logging.getLogger().getEffectiveLevel()
         # Every model the run needs resolves now: a missing one is one line before anything is spawned.
         ModelFactory(settings).resolve_all(heads=settings.inference.endpoint is None)
+        sweep_stale_folders()
         self._tmp = tempfile.TemporaryDirectory(prefix="streamer-")
+        started = _process_start_time(os.getpid())
+        if started is not None:
+            (Path(self._tmp.name) / OWNER_FILE).write_text(f"{os.getpid()} {started}\n")
         self.context = zmq.Context.instance()
         # Bind the public socket first: a port in use fails here, before any worker starts.
         self.publisher = EventPublisher(
@@ -195,6 +210,18 @@ class Supervisor:
             include_embeddings=settings.publish.include_embeddings,
             keys=_server_keys(settings.publish.keys, "publish.keys"),
         )
+        from streamer.publish.sinks import Sinks
+
+        self.sinks = Sinks.from_settings(settings)  # MQTT, webhooks: each only when configured
+        from streamer.pipeline.metrics import MetricsServer, PipelineMetrics
+
+        self.metrics = PipelineMetrics()
+        self.metrics.sinks = self.sinks.stats
+        self.metrics_server = None
+        if settings.metrics.bind is not None:
+            token = settings.metrics.token
+            self.metrics_server = MetricsServer(self.metrics, *settings.metrics.host_port,
+                                                token=None if token is None else token.get_secret_value())
         self.events_endpoint = f"ipc://{self._tmp.name}/events"
         self.control_endpoint = f"ipc://{self._tmp.name}/control"
         self.inference_endpoint = settings.inference.endpoint or f"ipc://{self._tmp.name}/inference"
@@ -216,15 +243,21 @@ class Supervisor:
         if settings.inference.endpoint is None:  # else a remote worker serves us
             self.inference = _Worker(
                 "inference", inference_main,
-                lambda: (settings_data, self.inference_endpoint, self.control_endpoint, self.log_level),
+                lambda: (settings_data, self.inference_endpoint, self.control_endpoint, self.log_level,
+                         self._tmp.name),
             )
         self.detect = _Worker(
             "detect", detect_main,
             lambda: (settings_data, self.inference_endpoint, self.events_endpoint, self.control_endpoint,
-                     self.tracks.next_ids(), self.log_level),
+                     self.tracks.next_ids(), self.log_level, self._tmp.name),
         )
         self._last_heartbeat = time.monotonic()
         self._bars: dict[str, Any] = {}
+        # What subscribers were last told about inference ("up" until told otherwise), and whether it ever worked.
+        self._inference_said = "up"
+        self._inference_detail = ""
+        self._inference_ever_up = False
+        self._inference_state: tuple[str, str] | None = None  # (state, detail) from the last pipeline.status
 
     # -- public ----------------------------------------------------------------------------------------
     def request_stop(self, *_: object) -> None:
@@ -240,6 +273,7 @@ class Supervisor:
         try:
             while True:
                 self._pump(timeout_ms=50)
+                self.metrics.set_processes(self._pids())
                 self._maybe_heartbeat()
                 if self.fatal:
                     raise StreamerError(self.fatal)
@@ -274,11 +308,15 @@ class Supervisor:
             self.events.close()
             self.control.close()
             self.publisher.close()
+            self.sinks.close()  # bounded (2 s in all): MQTT says "offline" on the way out
+            if self.metrics_server is not None:
+                self.metrics_server.close()
             self._tmp.cleanup()
 
     # -- internals ------------------------------------------------------------------------------------------
     def _restart(self, worker: _Worker, code: int | None) -> None:
         log.error("%s worker exited unexpectedly (exit code %s); restarting it", worker.name, code)
+        self.metrics.restarts[worker.name] = self.metrics.restarts.get(worker.name, 0) + 1
         if not worker.may_restart():
             raise PipelineFailed(f"{worker.name} worker keeps crashing (exit code {code}); giving up")
         if worker is self.detect:
@@ -313,6 +351,8 @@ class Supervisor:
                     except ValueError as exc:  # a bug, not a user error: say what was malformed
                         self._log.warning("event", "dropping an invalid event: %s", _first_line(exc))
                         continue
+                    if event.kind == "pipeline.status" and not self._inference_changed(event):
+                        continue
                     self._publish(event, crop, meta.decoded_at)
             if not until_idle:
                 return
@@ -321,18 +361,80 @@ class Supervisor:
         if message.type == "fatal":
             self.fatal = message.message
             return
+        self.metrics.observe_stats(message, message.pid)
+        if message.worker != "detect":
+            return  # only the detect worker's numbers make the heartbeat and the summary
         stats = message.model_dump()
         self.summary.last_stats = stats
         self.summary.faces_sent = message.faces_sent
         self.summary.faces_embedded = message.faces_embedded
+        self.summary.faces_dropped = message.faces_dropped
+        self._inference_ever_up = self._inference_ever_up or message.inference_ever_up
         self.summary.first_frame_at = self.summary.first_frame_at or message.first_frame_at
         self.summary.frames = sum(s.frames for s in message.streams.values())
         for stream, info in message.streams.items():
             self.tracks.reported(stream, info.next_track_id)
         self._update_progress(stats)
 
+    def _pids(self) -> dict[str, int | None]:
+        pids: dict[str, int | None] = {"supervisor": os.getpid()}
+        for worker in (self.detect, self.inference):
+            if worker is not None and worker.process is not None:
+                pids[worker.name] = worker.process.pid
+        return pids
+
+    def _inference_changed(self, event: Any) -> bool:
+        """True for news (publish it and say it); False for what subscribers know already, e.g. a restarted
+        detect worker finding inference down again, or the first answer of a worker nobody missed."""
+        # Every change the worker sees comes as one of these, in order on the events channel; stats travel
+        # on the control channel and may lag it, so heartbeats take the state from here once there is one.
+        self._inference_state = (event.inference, event.detail)
+        if event.inference == "up":
+            self._inference_ever_up = True
+        if event.inference == self._inference_said:
+            return False
+        self._inference_said = event.inference
+        if event.inference == "down":
+            self._inference_detail = event.detail
+            self._say(f"inference is down: {event.detail}; faces are not recognised until it is back "
+                      f"({self._inference_remedy()})")
+        else:
+            self._say(f"inference is {event.detail or 'back'}: recognition resumed")  # "back after 3.1 s"
+        return True
+
+    def _inference_remedy(self) -> str:
+        endpoint = self.settings.inference.endpoint
+        if endpoint is None:
+            return "streamer restarts its local inference worker; run with -v to see why it stopped"
+        return (f"check inference.endpoint / STREAMER_INFERENCE__ENDPOINT and that `streamer inference-worker` "
+                f"runs at {endpoint}")
+
+    def recognition_failure(self) -> str | None:
+        """Why recognition never worked in this run although faces needed it; None when it worked (or
+        was never needed, or was still starting when the run was stopped)."""
+        needed = self.summary.faces_sent + self.summary.faces_dropped
+        state = self.summary.last_stats.get("inference")
+        if self._inference_ever_up or not needed or "down" not in (state, self._inference_said):
+            return None
+        detail = self.summary.last_stats.get("inference_detail") or self._inference_detail
+        return (f"{detail}; {needed} face{'s' if needed != 1 else ''} went unrecognised "
+                f"({self._inference_remedy()})")
+
+    def _say(self, line: str) -> None:
+        """One line for the operator on stderr, never on the progress bar's line."""
+        if self._bars:
+            from tqdm import tqdm
+
+            tqdm.write(f"streamer: {line}", file=sys.stderr)
+        else:
+            sys.stderr.write(f"streamer: {line}\n")
+            sys.stderr.flush()
+
     def _publish(self, event: Any, crop: bytes | None = None, decoded_at: float | None = None) -> None:
         sent = self.publisher.publish(event, crop=crop)
+        self.sinks.publish(sent, crop)  # enqueues only: a sink never makes the pipeline wait
+        self.metrics.observe_event(sent)
+        self.metrics.publish_dropped = self.publisher.dropped
         self.tracks.observe(event)
         self.report.observe(event)
         if (event.kind == "stream.status" and event.status in ("connected", "reconnected") and not self._announced
@@ -381,6 +483,8 @@ class Supervisor:
             streams={stream: {key: info[key] for key in health} for stream, info in stats.get("streams", {}).items()},
             queues=queues,
             uptime=round(time.monotonic() - self.summary.started, 3),
+            inference=self._inference_state[0] if self._inference_state else stats.get("inference", "starting"),
+            inference_detail=self._inference_state[1] if self._inference_state else stats.get("inference_detail", ""),
         ))
 
     def _update_progress(self, stats: dict[str, Any]) -> None:
@@ -396,6 +500,41 @@ class Supervisor:
             if bar is None:
                 bar = self._bars[stream] = tqdm(total=total, desc=stream, unit="frame", leave=True, file=sys.stderr)
             bar.update(max(0, info["frames"] - bar.n))
+
+
+def sweep_stale_folders(parent: str | Path | None = None) -> list[Path]:
+    """Remove the temporary folders of supervisors that are gone: `streamer-*` folders of this user that
+    hold an owner file naming a process that no longer runs (Linux; elsewhere nothing is swept)."""
+    from streamer.pipeline.worker_base import TEMP_PREFIX
+
+    removed: list[Path] = []
+    if _process_start_time(os.getpid()) is None:
+        return removed
+    for folder in Path(parent or tempfile.gettempdir()).glob(f"{TEMP_PREFIX}*"):
+        try:
+            if folder.is_symlink() or not folder.is_dir() or folder.stat().st_uid != os.getuid():
+                continue
+            pid, started = (folder / OWNER_FILE).read_text().split()
+            alive = _process_start_time(int(pid)) == started
+        except (OSError, ValueError):
+            continue  # not ours, or still being made
+        if not alive:
+            shutil.rmtree(folder, ignore_errors=True)
+            removed.append(folder)
+    if removed:
+        log.info("removed %d temporary folder(s) of streamer runs that were killed: %s", len(removed),
+                 ", ".join(map(str, removed)))
+    return removed
+
+
+def _process_start_time(pid: int) -> str | None:
+    """The start time of a running process (a pid can be reused; the pair cannot); None when it is gone,
+    a zombie, or /proc is not there."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    return None if fields[0] in ("Z", "X") else fields[19]
 
 
 def _drain(socket: zmq.Socket) -> list[list[bytes]]:
@@ -432,6 +571,10 @@ def run_pipeline(settings: Settings, progress: bool = True, print_events: bool =
     log.info("published %d events in %.1f s", summary.published, summary.seconds)
     for line in supervisor.report.lines(summary.frames, summary.seconds, _output_files(settings)):
         sys.stderr.write(f"streamer: {line}\n")
+    failure = supervisor.recognition_failure()
+    if failure is not None:
+        sys.stderr.write(f"streamer: error: recognition never worked: {failure}\n")
+        return 1
     return 0
 
 

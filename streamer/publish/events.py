@@ -11,6 +11,18 @@ face events add `track` and `box`. `seq` is assigned by the publisher (1, 2, 3, 
 built with `seq=0` ("not yet published") and `EventPublisher.publish` stamps the real number; `parse_event`
 rejects a 0 coming off the wire.
 
+Recognition depends on the inference worker (a local process or a remote `streamer inference-worker`). When it
+becomes unavailable (the worker is gone, its endpoint refuses or never answers, requests go unanswered) a
+`pipeline.status` event says so, once, with a reason; another says when it is back:
+
+    topic "pipeline.status.*"
+    {"kind": "pipeline.status", "stream": "*", "inference": "down", "detail": "cannot connect to ...", ...}
+    {"kind": "pipeline.status", "stream": "*", "inference": "up", "detail": "back after 4.2 s", ...}
+
+While it is down, tracks and stream events go on but no face is recognised. Every heartbeat repeats the state
+(`inference`: "starting" until the worker first answers, then "up" or "down"; `inference_detail`: why it is
+down, else "").
+
 `embedding` (identity) and `crop` are privacy-sensitive: they are absent from the payload unless the user turned
 them on, and the publisher is the one place that enforces it.
 """
@@ -31,6 +43,9 @@ SCHEMA = "streamer.event/1"
 ALL_STREAMS = "*"
 
 StreamStatusValue = Literal["connected", "lost", "reconnected", "ended"]
+InferenceStatusValue = Literal["up", "down"]
+# A heartbeat also knows the time before the inference worker first answered.
+InferenceHealthStatus = Literal["starting", "up", "down"]
 # A heartbeat can also see a stream that has not delivered its first frame yet.
 StreamHealthStatus = Literal["connecting", "connected", "lost", "reconnected", "ended"]
 
@@ -126,6 +141,17 @@ class StreamStatus(EventBase):
     kind: Literal["stream.status"] = "stream.status"
     status: StreamStatusValue
     detail: str = ""
+
+
+class PipelineStatus(EventBase):
+    """A change of a part every stream depends on; today the inference worker (recognition)."""
+
+    kind: Literal["pipeline.status"] = "pipeline.status"
+    stream: StreamId = ALL_STREAMS
+    inference: InferenceStatusValue = Field(
+        description="down: no face is recognised until it is up again (tracks go on); up: recognition works"
+    )
+    detail: str = Field("", description="why it is down (with what to check), or how long it was down")
 
 
 class TrackStarted(FaceEvent):
@@ -224,14 +250,19 @@ class Heartbeat(EventBase):
     streams: dict[str, StreamHealth]
     queues: dict[str, int] = Field(description="queue name -> current depth")
     uptime: Float = Field(ge=0, description="seconds since start")
+    inference: InferenceHealthStatus = Field(
+        "starting", description="the inference worker: starting (not answered yet), up or down (see pipeline.status)"
+    )
+    inference_detail: str = Field("", description="why inference is down; empty otherwise")
 
 
 Event = Annotated[
-    Union[StreamStatus, TrackStarted, TrackUpdated, TrackEnded, Identity, AttributesEvent, Heartbeat],
+    Union[StreamStatus, PipelineStatus, TrackStarted, TrackUpdated, TrackEnded, Identity, AttributesEvent, Heartbeat],
     Field(discriminator="kind"),
 ]
 EVENT_TYPES: tuple[type[EventBase], ...] = (
     StreamStatus,
+    PipelineStatus,
     TrackStarted,
     TrackUpdated,
     TrackEnded,

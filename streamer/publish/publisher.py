@@ -1,8 +1,17 @@
-"""The ZeroMQ PUB socket that puts events on the wire.
+"""The ZeroMQ publish socket that puts events on the wire.
 
 The pipeline must never wait for a subscriber: sends are non-blocking and a slow subscriber loses messages
 at its high-water mark instead of slowing anyone down (libzmq drops per subscriber, so one slow reader does
-not cost the others anything). Subscribers see such losses as jumps in `seq`.
+not cost the others anything). Subscribers see every lost message as a jump in `seq`.
+
+The publisher counts what it can see of those losses in `dropped` (the heartbeat's `publish_dropped`). A PUB
+socket drops at the high-water mark without a word, so the socket is an XPUB with XPUB_NODROP: a send that
+would overflow any subscriber's queue raises zmq.Again instead. That message is counted and sent again
+lossy, so the subscribers with room still get it. libzmq then stops offering the full subscriber messages,
+silently, until it has read half its queue, so `dropped` counts overflows (each the first message of a
+loss; about the number of gaps that subscriber sees), a lower bound of the messages lost: a subscriber that
+stopped reading costs one. XPUB also hands us the subscriptions; they are read and discarded, or they
+would pile up.
 
 Privacy is enforced here and nowhere else: crops and embeddings leave the process only when the user turned
 them on, whatever the caller passes in. The socket itself comes from `streamer.sockets`: beyond loopback it
@@ -13,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from pathlib import Path
 from types import TracebackType
 from typing import Final
@@ -21,6 +31,7 @@ import numpy as np
 import zmq
 
 from streamer.imaging import encode_jpeg
+from streamer.logutil import RateLimitedLog
 from streamer.publish.events import Event, FaceEvent, Identity, WireMessage
 from streamer.sockets import ServerKeys, SocketDefaults, SocketKind, bound_endpoint, make_socket
 
@@ -28,6 +39,9 @@ log = logging.getLogger(__name__)
 
 _MORE: Final = int(zmq.NOBLOCK | zmq.SNDMORE)
 _LAST: Final = int(zmq.NOBLOCK)
+DROP_WARNING_INTERVAL_S = 30.0
+# Checking for queued subscriptions costs more than a send (~7 us): do it this often, not per message.
+SUBSCRIPTIONS_READ_EVERY_S = 0.1
 
 # The old name, kept so existing imports keep working: every socket default now lives in streamer.sockets.
 ZmqDefaults = SocketDefaults
@@ -58,14 +72,20 @@ class EventPublisher:
         self.include_crops = include_crops
         self.include_embeddings = include_embeddings
         self.encrypted = keys is not None
-        self.sent = 0  # messages handed to libzmq
-        self.dropped = 0  # messages libzmq refused without blocking (none can be sent right now)
+        self._hwm = sndhwm
+        self.sent = 0  # messages every subscriber that wanted them got (queued for it)
+        # Messages a subscriber's full queue refused: one per overflow, each the start of a loss (see the
+        # module docstring); sent + dropped == seq.
+        self.dropped = 0
         self._seq = 0
         self._lock = threading.Lock()
-        # The shared instance context lets inproc:// subscribers in this process reach us.
+        self._drop_log = RateLimitedLog(log, DROP_WARNING_INTERVAL_S)
+        self._subscriptions_read_at = 0.0
+        # The shared instance context lets inproc:// subscribers in this process reach us. XPUB, not
+        # SocketKind.PUB: see the module docstring.
         self._socket = make_socket(
             context or zmq.Context.instance(),
-            SocketKind.PUB,
+            zmq.XPUB,
             hwm=sndhwm,
             bind=endpoint,
             linger_ms=linger_ms,
@@ -73,6 +93,7 @@ class EventPublisher:
             server_keys=keys,
             setting="publish.endpoint",
         )
+        self._socket.setsockopt(zmq.XPUB_NODROP, 1)
         self.endpoint: str = bound_endpoint(self._socket)
         log.info("publishing events on %s (sndhwm=%d, crops=%s, embeddings=%s, curve=%s)",
                  self.endpoint, sndhwm, include_crops, include_embeddings, self.encrypted)
@@ -112,18 +133,37 @@ class EventPublisher:
             stamped = event.model_copy(update=update)
             message = WireMessage(stamped.topic, stamped.payload(), jpeg)
             try:
-                # Frame by frame with plain int flags: measurably cheaper than send_multipart per message.
-                # libzmq accepts or refuses a multipart message at its first frame, never half of it.
-                self._socket.send(message.topic, _MORE)
-                if jpeg is None:
-                    self._socket.send(message.payload, _LAST)
-                else:
-                    self._socket.send(message.payload, _MORE)
-                    self._socket.send(jpeg, _LAST)
+                self._send(message)
                 self.sent += 1
-            except zmq.Again:
+            except zmq.Again:  # a subscriber's queue is full: it loses this one, the others must not
                 self.dropped += 1
+                self._socket.setsockopt(zmq.XPUB_NODROP, 0)
+                try:
+                    self._send(message)
+                finally:
+                    self._socket.setsockopt(zmq.XPUB_NODROP, 1)
+                self._drop_log.warning(
+                    "drop", "a subscriber is too slow and loses events: its queue of %d was full (%d times so "
+                    "far; the subscriber's seq gaps count each lost event)", self._hwm, self.dropped,
+                )
+            if time.monotonic() - self._subscriptions_read_at >= SUBSCRIPTIONS_READ_EVERY_S:
+                self._discard_subscriptions()
         return stamped
+
+    def _send(self, message: WireMessage) -> None:
+        # Frame by frame with plain int flags: measurably cheaper than send_multipart per message.
+        # libzmq accepts or refuses a multipart message at its first frame, never half of it.
+        self._socket.send(message.topic, _MORE)
+        if message.crop is None:
+            self._socket.send(message.payload, _LAST)
+        else:
+            self._socket.send(message.payload, _MORE)
+            self._socket.send(message.crop, _LAST)
+
+    def _discard_subscriptions(self) -> None:
+        self._subscriptions_read_at = time.monotonic()
+        while self._socket.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+            self._socket.recv(zmq.NOBLOCK)
 
     @staticmethod
     def _jpeg(crop: np.ndarray | bytes) -> bytes:

@@ -13,12 +13,17 @@ from typing import NamedTuple, TextIO
 
 import zmq
 
+from streamer.logutil import RateLimitedLog
 from streamer.publish.events import Event, parse_event
 from streamer.sockets import ClientKeys, SocketDefaults, SocketKind, make_socket
 
 log = logging.getLogger(__name__)
 
 MAX_GAP_LOG = 1_000  # most recent gaps kept; the counters keep counting
+# The largest forward jump in seq believed as lost messages: far more than a subscriber stalled for minutes
+# behind its high-water mark loses, far less than a forged or foreign number (2**62) would claim.
+MAX_SEQ_JUMP = 1_000_000
+SEQ_WARNING_INTERVAL_S = 10.0
 
 
 class Received(NamedTuple):
@@ -37,6 +42,13 @@ class EventSubscriber:
     Gap tracking: the publisher numbers every message it sends, whatever the topic, so only a subscriber
     that takes every topic (a "" prefix) can tell a lost message from a filtered one. With narrower
     prefixes `gaps` stays 0.
+
+    seq is not authenticated, so one message cannot move the baseline by itself: a seq that goes back or
+    jumps ahead by more than MAX_SEQ_JUMP is held until the next message says what it was. If that one
+    continues the old numbering, the odd one was forged or replayed (`out_of_sequence`, nothing counted
+    as lost); if it continues the new numbering, the publisher restarted (`restarts`, seq went back) or
+    the numbering moved on (`resyncs`, a jump too large to believe as losses). Either way it is logged,
+    rate limited.
     """
 
     def __init__(
@@ -59,9 +71,13 @@ class EventSubscriber:
         self.invalid = 0  # messages that were not valid events (logged and skipped)
         self.gaps = 0  # times seq jumped forward
         self.missed = 0  # messages lost in those jumps
-        self.restarts = 0  # times seq went backwards (publisher restarted)
+        self.restarts = 0  # times seq went backwards and stayed there (publisher restarted)
+        self.resyncs = 0  # times seq jumped ahead by more than MAX_SEQ_JUMP and stayed there
+        self.out_of_sequence = 0  # messages whose seq fit neither the numbering before nor after them
         self.gap_log: deque[tuple[int, int]] = deque(maxlen=MAX_GAP_LOG)  # (expected seq, received seq)
-        self.last_seq: int | None = None
+        self.last_seq: int | None = None  # the last seq of the numbering being followed
+        self._held: int | None = None  # a seq that broke the numbering, until the next message explains it
+        self._seq_log = RateLimitedLog(log, SEQ_WARNING_INTERVAL_S)
         self.encrypted = keys is not None
         self._socket = make_socket(
             context or zmq.Context.instance(),
@@ -122,18 +138,43 @@ class EventSubscriber:
         return None
 
     def _track_seq(self, seq: int) -> None:
-        expected = None if self.last_seq is None else self.last_seq + 1
-        self.last_seq = seq
-        if expected is None or seq == expected or not self.tracks_gaps:
+        last = self.last_seq
+        if last is None or not self.tracks_gaps:
+            self.last_seq = seq
             return
+        held, self._held = self._held, None
+        if _follows(last, seq):
+            if held is not None:
+                self._out_of_sequence(held, last, seq)
+            self._advance(last, seq)
+        elif held is not None and _follows(held, seq):
+            # Two messages agree on a new numbering.
+            if held < last:
+                self.restarts += 1
+                log.info("seq went back from %d to %d: the publisher restarted", last, held)
+            else:
+                self.resyncs += 1
+                self._seq_log.warning("resync", "seq jumped from %d to %d, more than %d at once: not counted "
+                                      "as lost (another publisher on this endpoint?)", last, held, MAX_SEQ_JUMP)
+            self._advance(held, seq)
+        else:
+            if held is not None:
+                self._out_of_sequence(held, last, seq)
+            self._held = seq
+
+    def _advance(self, last: int, seq: int) -> None:
+        self.last_seq = seq
+        expected = last + 1
         if seq > expected:
             self.gaps += 1
             self.missed += seq - expected
             self.gap_log.append((expected, seq))
             log.debug("seq gap: expected %d, got %d", expected, seq)
-        else:
-            self.restarts += 1
-            log.info("seq went back from %d to %d: the publisher restarted", expected - 1, seq)
+
+    def _out_of_sequence(self, seq: int, before: int, after: int) -> None:
+        self.out_of_sequence += 1
+        self._seq_log.warning("odd", "seq %d between %d and %d fits neither: not counted as lost or as a restart "
+                              "(a replayed or forged message?)", seq, before, after)
 
     @property
     def closed(self) -> bool:
@@ -150,6 +191,11 @@ class EventSubscriber:
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         self.close()
+
+
+def _follows(last: int, seq: int) -> bool:
+    """Whether `seq` can come after `last` in one publisher's numbering (messages may have been lost)."""
+    return last < seq <= last + 1 + MAX_SEQ_JUMP
 
 
 def print_events(
@@ -179,4 +225,6 @@ def print_events(
             printed += 1
         if subscriber.gaps:
             log.warning("%d messages lost in %d gaps (subscriber too slow?)", subscriber.missed, subscriber.gaps)
+        if subscriber.out_of_sequence:
+            log.warning("%d messages out of sequence ignored (replayed or forged?)", subscriber.out_of_sequence)
     return printed

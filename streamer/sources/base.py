@@ -6,7 +6,9 @@ owns the thread, the frame buffer, status events, the frame-age watchdog and rec
 - live sources keep one slot, newest frame wins, every overwritten unread frame is counted as dropped;
 - files go through a small bounded queue: the reader blocks (backpressure) and `stop()` unblocks it;
 - a live source that hits end of stream, an error, a failed open or a frame-age timeout reports "lost",
-  retries forever with capped exponential backoff, and reports "reconnected" when frames can flow again;
+  retries forever with capped exponential backoff, and reports "reconnected" when frames can flow again
+  (a live file too: its reopen is a fresh open attempt, untouched by the connection the watchdog killed);
+  retries that keep failing say so at WARNING, at most every RETRY_LOG_INTERVAL_S;
 - `max_frames` ends any source (file or live, "ended", no reconnect) once it has produced that many frames.
 """
 
@@ -26,9 +28,13 @@ import numpy as np
 
 from streamer.config import ReconnectSettings
 from streamer.errors import SourceError
+from streamer.logutil import RateLimitedLog
 from streamer.types import Frame
 
 log = logging.getLogger(__name__)
+
+# A source that keeps failing to come back says so this often (each retry is still logged at debug level).
+RETRY_LOG_INTERVAL_S = 30.0
 
 Status = Literal["connected", "lost", "reconnected", "ended"]
 H = TypeVar("H")  # a backend's open handle (a PyAV container, a cv2.VideoCapture)
@@ -49,6 +55,7 @@ class SourceStats:
     fps: float  # recent production rate; 0 when no frame arrived lately
     reconnects: int  # successful reconnections after a loss
     status: str  # "idle", "connecting", "connected", "lost", "ended" or "stopped"
+    corrupt_packets: int = 0  # undecodable packets skipped so far (see Source.corrupt_packets)
 
 
 @dataclass(frozen=True)
@@ -73,6 +80,9 @@ class Source(ABC):
     # Set when an input ended early for a reason the user should hear, e.g. "file truncated at 2.4 s of
     # 4.8 s" (the "ended" status detail says it too); None after a clean end.
     end_note: str | None = None
+    # Packets the decoder could not decode and skipped (decoding goes on at the next one); a file's
+    # end_note says how many.
+    corrupt_packets: int = 0
 
     @abstractmethod
     def start(self) -> None:
@@ -218,7 +228,9 @@ class ThreadedSource(Source, Generic[H]):
         self._state = "idle"
         self._ever_connected = False
         self._lost_reported = False
-        self._generation = 0  # one per successful open; the watchdog kills a generation
+        # One per open attempt, so a connection the watchdog killed never taints the next open (a file's
+        # open decodes its first frame, and checks `_abandoned()` while it does).
+        self._generation = 0
         self._dead_generation = -1
         self._last_frame_at = 0.0
         self._frames = 0
@@ -228,6 +240,7 @@ class ThreadedSource(Source, Generic[H]):
         self._watchdog: threading.Thread | None = None
         self._first_handle: H | None = None
         self._stopped = False
+        self._retry_log = RateLimitedLog(log, RETRY_LOG_INTERVAL_S)
 
     # ------------------------------------------------------------------ backend hooks
 
@@ -269,7 +282,7 @@ class ThreadedSource(Source, Generic[H]):
         self._set_state("connecting")
         if self._open_in_start:
             try:
-                self._first_handle = self._open()
+                self._first_handle = self._open_attempt()
             except SourceError:
                 raise
             except Exception as exc:  # the backend's own errors become one user-facing line
@@ -299,7 +312,9 @@ class ThreadedSource(Source, Generic[H]):
                 fps = (len(recent) - 1) / max(recent[-1] - recent[0], 1e-6)
             else:
                 fps = 0.0
-            return SourceStats(self._frames, self._buffer.dropped, fps, self._reconnects, self._state)
+            return SourceStats(
+                self._frames, self._buffer.dropped, fps, self._reconnects, self._state, self.corrupt_packets
+            )
 
     @property
     def finished(self) -> bool:
@@ -345,7 +360,7 @@ class ThreadedSource(Source, Generic[H]):
         handle, self._first_handle = self._first_handle, None
         if handle is None:  # backends that do not open in start()
             try:
-                handle = self._open()
+                handle = self._open_attempt()
             except Exception as exc:  # not live: no retry, the stream ends visibly
                 self._emit("ended", f"open failed: {self._describe_error(exc)}")
                 self._set_state("ended")
@@ -376,7 +391,7 @@ class ThreadedSource(Source, Generic[H]):
             self._first_handle = None
             if handle is None:
                 try:
-                    handle = self._open()
+                    handle = self._open_attempt()
                 except Exception as exc:  # any failure to open a live source is retried, forever
                     self._lost(f"open failed: {self._describe_error(exc)}")
                     if self._stop.wait(next(delays)):
@@ -399,7 +414,10 @@ class ThreadedSource(Source, Generic[H]):
                 self._emit("ended", f"reached max_frames ({self.max_frames})")
                 self._set_state("ended")
                 return
-            self._lost(detail)
+            with self._lock:
+                reported = self._dead_generation == generation  # by the watchdog: the same outage
+            if not reported:
+                self._lost(detail)
             if self._frames > produced:  # a connection that opens but never delivers keeps backing off
                 delays = backoff_delays(self.reconnect)
             if self._stop.wait(next(delays)):
@@ -432,9 +450,13 @@ class ThreadedSource(Source, Generic[H]):
         finally:
             raws.close()  # a generator left at max_frames lets go of the backend before its handle closes
 
-    def _connected(self) -> int:
+    def _open_attempt(self) -> H:
         with self._lock:
             self._generation += 1
+        return self._open()
+
+    def _connected(self) -> int:
+        with self._lock:
             self._last_frame_at = time.monotonic()  # the watchdog counts from the open
             self._lost_reported = False
             again = self._ever_connected
@@ -449,7 +471,11 @@ class ThreadedSource(Source, Generic[H]):
         """Report a loss once per outage (the watchdog may have reported it already)."""
         with self._lock:
             if self._lost_reported:
-                log.debug("source %s: still lost (%s)", self.id, detail)
+                # An operator must see a source that does not come back; one that never connected is the
+                # consumer's to report (see _emit).
+                if not (self._ever_connected and self._retry_log.warning(
+                        "retry", "source %s: still lost, retrying: %s", self.id, detail)):
+                    log.debug("source %s: still lost (%s)", self.id, detail)
                 return
             self._lost_reported = True
             self._state = "lost"

@@ -1,7 +1,8 @@
 """PyAV (FFmpeg) backend: files, RTSP, HTTP(S) and lavfi test sources.
 
-Demux and decode are separate so one undecodable packet is skipped instead of ending the stream. Frames that
-fps sampling skips are never converted to BGR (the conversion is the expensive part after decoding).
+Demux and decode are separate so one undecodable packet is skipped instead of ending the stream; skipped
+packets are counted (`corrupt_packets`) and a file says how many at its end (`end_note`). Frames that fps
+sampling skips are never converted to BGR (the conversion is the expensive part after decoding).
 """
 
 from __future__ import annotations
@@ -22,7 +23,8 @@ import av.error
 
 from streamer.config import ReconnectSettings
 from streamer.errors import SourceError
-from streamer.sources.base import RawFrame, ThreadedSource
+from streamer.logutil import RateLimitedLog
+from streamer.sources.base import RETRY_LOG_INTERVAL_S, RawFrame, ThreadedSource
 
 log = logging.getLogger(__name__)
 
@@ -214,6 +216,10 @@ class PyAVSource(ThreadedSource[_Handle]):
         self._pts_offset = 0.0  # seconds added to pts after each replay of a looped file
         self._decoded_until: float | None = None  # end (pts + one frame) of the last decoded frame
         self._decoded_count = 0  # frames decoded, before fps sampling
+        # pts (offset included) one frame after the last frame delivered: a reopened file (a live file the
+        # watchdog gave up on) continues from there instead of going back in time.
+        self._next_pts: float | None = None
+        self._corrupt_log = RateLimitedLog(log, RETRY_LOG_INTERVAL_S)
         self._open_failure: BaseException | None = None  # the last av.open error
 
     # ------------------------------------------------------------------ backend hooks
@@ -313,22 +319,28 @@ class PyAVSource(ThreadedSource[_Handle]):
         elif handle.container.duration:
             duration = handle.container.duration / 1_000_000
         end = self._decoded_until
-        if not duration or end is None or self.loop or self.max_frames is not None:
+        notes = []
+        if duration and end is not None and not self.loop and self.max_frames is None:
+            frame_time = 1.0 / handle.rate if handle.rate else 0.04
+            # a little slack: the last frame's pts plus its length, rounding, an edit list trimming the start
+            if end + frame_time < duration - max(3 * frame_time, 0.02 * duration):
+                counts = f", {self._decoded_count} of {stream.frames} frames" if stream.frames else ""
+                notes.append(f"file truncated at {end:.1f} s of {duration:.1f} s{counts}")
+        if self.corrupt_packets:
+            plural = "s" if self.corrupt_packets != 1 else ""
+            notes.append(f"{self.corrupt_packets} corrupt packet{plural} skipped")
+        if not notes:
             return super()._end_of_input(handle)
-        frame_time = 1.0 / handle.rate if handle.rate else 0.04
-        # a little slack: the last frame's pts plus its length, rounding, an edit list trimming the start
-        if end + frame_time < duration - max(3 * frame_time, 0.02 * duration):
-            counts = f", {self._decoded_count} of {stream.frames} frames" if stream.frames else ""
-            self.end_note = f"file truncated at {end:.1f} s of {duration:.1f} s{counts}"
-            log.warning("source %s: %s: %s", self.id, self.url, self.end_note)
-            return f"end of file: {self.end_note}"
-        return super()._end_of_input(handle)
+        self.end_note = "; ".join(notes)
+        log.warning("source %s: %s: %s", self.id, self.url, self.end_note)
+        return f"end of file: {self.end_note}"
 
     def _iterate(self, handle: _Handle) -> Iterator[RawFrame]:
         period = 1.0 / self.fps if self.fps else 0.0
         next_due: float | None = None
         clock_anchor: tuple[float, float] | None = None  # (pts, monotonic) for pacing
         count = 0
+        resume_at = self._next_pts if self.kind == "file" else None
         while True:
             first_pts = last_pts = None
             pending, handle.pending = handle.pending, []
@@ -342,9 +354,13 @@ class PyAVSource(ThreadedSource[_Handle]):
                     pts = time.monotonic()
                 if first_pts is None:
                     first_pts = pts
+                    if resume_at is not None:  # reopened: carry on after the frames delivered before
+                        self._pts_offset = resume_at - pts
+                        resume_at = None
                 last_pts = pts
                 self._decoded_count = count
-                self._decoded_until = pts + (1.0 / handle.rate if handle.rate else 0.0)
+                frame_time = 1.0 / handle.rate if handle.rate else 0.0
+                self._decoded_until = pts + frame_time
                 pts += self._pts_offset
                 if period:
                     if next_due is not None and pts < next_due - 1e-6:
@@ -358,6 +374,7 @@ class PyAVSource(ThreadedSource[_Handle]):
                     if self._stop.is_set():
                         return
                 image = frame.to_ndarray(format="bgr24")
+                self._next_pts = pts + frame_time
                 yield RawFrame(image, pts, time.monotonic())
             if not (self.loop and self.kind == "file") or first_pts is None or self._stop.is_set():
                 return
@@ -373,7 +390,13 @@ class PyAVSource(ThreadedSource[_Handle]):
             try:
                 yield from packet.decode()
             except av.error.InvalidDataError as exc:  # one bad packet; the next key frame recovers
-                log.debug("source %s: skipped undecodable packet: %s", self.id, exc)
+                self.corrupt_packets += 1
+                log.debug("source %s: skipped undecodable packet at pts %s: %s", self.id, packet.pts, exc)
+                # A file says how many at its end; a live stream cannot wait for an end that may never come.
+                if self.live:
+                    self._corrupt_log.warning(
+                        "corrupt", "source %s: skipping corrupt packets (%d so far)", self.id, self.corrupt_packets
+                    )
 
     def _wait_for(self, pts: float, anchor: tuple[float, float] | None) -> tuple[float, float]:
         now = time.monotonic()
