@@ -292,7 +292,7 @@ def cmd_gallery(args: argparse.Namespace) -> int:
             print(f"enrolled {name}: {len(vectors)} face(s)", file=sys.stderr)
         return 0
 
-    gallery = Gallery(path, create=False)
+    gallery = Gallery(path, create=False, readonly=args.gallery_command == "list")
     try:
         if args.gallery_command == "list":
             people = gallery.people()

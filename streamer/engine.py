@@ -200,13 +200,13 @@ class FaceEngine:
         ]
 
     # -- gallery --------------------------------------------------------------------------------
-    def open_gallery(self, path: str | Path | None = None, *, create: bool = False):
+    def open_gallery(self, path: str | Path | None = None, *, create: bool = False, readonly: bool = False):
         from streamer.match.gallery import Gallery
 
         path = path or self.settings.gallery.path
         if path is None:
             raise GalleryError("no gallery given: pass --gallery PATH or set gallery.path (STREAMER_GALLERY__PATH)")
-        return Gallery(Path(path), create=create)
+        return Gallery(Path(path), create=create, readonly=readonly)
 
     def matcher(self, gallery):
         from streamer.match.matcher import Matcher
@@ -217,7 +217,7 @@ class FaceEngine:
     def find(self, image: ImageInput, gallery) -> list[FoundFace]:
         """Who is in `image`: `gallery` is an open `Gallery` or the path of an existing gallery file."""
         if isinstance(gallery, (str, Path)):
-            with self.open_gallery(gallery, create=False) as opened:
+            with self.open_gallery(gallery, readonly=True) as opened:
                 return self.find(image, opened)
         bgr = load_image(image, self.settings.limits.max_image_pixels)
         faces = self.detector.detect(bgr)

@@ -117,15 +117,27 @@ def test_huge_declared_sizes_are_refused_without_a_pillow_warning(tmp_path, craf
     assert f"{width}x{height}" in message if width * height < 178_956_970 else "more than 179 megapixels" in message
 
 
+# The child reports its own peak (VmHWM, which exec resets): the rusage of a child forked from a pytest
+# process that has grown to a gigabyte would report the parent's pages, not what `streamer` itself used.
+_MEASURED = """
+import atexit, sys
+def _peak():
+    with open("/proc/self/status") as status, open(sys.argv.pop(1), "w") as out:
+        out.write(next(line.split()[1] for line in status if line.startswith("VmHWM:")))
+atexit.register(_peak)
+from streamer.cli import main
+sys.exit(main(sys.argv[2:]))
+"""
+
+
 def _run_measured(args: list[str], env: dict[str, str], cwd: Path) -> tuple[int, str, int]:
-    """Exit code, stderr and peak RSS (kB) of one `streamer` process, from its own rusage (os.wait4)."""
+    """Exit code, stderr and peak RSS (kB) of one `streamer` process, as the process itself saw it."""
     err_path = cwd / "stderr.txt"
+    peak_path = cwd / "peak.txt"
     with open(err_path, "wb") as err:
-        proc = subprocess.Popen([sys.executable, "-m", "streamer", *args], env=env, cwd=cwd,
-                                stdout=subprocess.DEVNULL, stderr=err)  # fmt: skip
-        _, status, usage = os.wait4(proc.pid, 0)
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    return proc.returncode, err_path.read_text(errors="replace"), usage.ru_maxrss
+        proc = subprocess.run([sys.executable, "-c", _MEASURED, str(peak_path), *args], env=env, cwd=cwd,
+                              stdout=subprocess.DEVNULL, stderr=err)  # fmt: skip
+    return proc.returncode, err_path.read_text(errors="replace"), int(peak_path.read_text())
 
 
 @pytest.mark.usefixtures("model_dir")

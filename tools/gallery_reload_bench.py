@@ -2,12 +2,14 @@
 
     python tools/gallery_reload_bench.py                       (500k faces, 512-D, in a temp folder)
     python tools/gallery_reload_bench.py --gallery /tmp/g500k.db --keep   (build once, reuse after)
+
+    mkdir /tmp/old-tree && git archive COMMIT streamer | tar -x -C /tmp/old-tree   (the code at COMMIT)
     PYTHONPATH=/tmp/old-tree python tools/gallery_reload_bench.py --gallery /tmp/g500k.db --keep
 
 Builds a synthetic gallery (random unit vectors, `--per-person` faces each) through the Gallery API, opens
 it the way `streamer run` does (`open_matcher`), then calls `match` in a loop, as the detect thread does for
 each batch of faces, while another process changes the file: it enrols a new person, and later removes
-them (which also VACUUMs the file). Reports the median call, the longest call ("stall") in the quiet
+them (which also rebuilds the file). Reports the median call, the longest call ("stall") in the quiet
 phase and around each change, how long each change took to show in the answers, and calls that raised.
 The PYTHONPATH form runs the same measurement against another checkout, for a before/after comparison.
 """

@@ -678,6 +678,12 @@ class Gallery:
     def __len__(self) -> int:
         return int(self._read("SELECT count(*) FROM people")[0][0])
 
+    def names(self) -> frozenset[str]:
+        """Everyone enrolled, by name only: a quick read even for a large gallery (the name index alone)."""
+        with self._lock:
+            self.refresh()
+            return frozenset(r[0] for r in self._read("SELECT name FROM people"))
+
     def __contains__(self, name: object) -> bool:
         try:
             cleaned = clean_name(name)

@@ -15,7 +15,9 @@ A matcher answers from an index built from one `Gallery.snapshot`. By default it
 call (one stat and one PRAGMA) and rebuilds when it changed, which suits one-shot callers. With
 `background=True` (what `open_matcher`, the pipeline's, uses) `match` never touches SQLite: a thread polls
 the gallery every `poll_s`, builds the new index beside the old one and swaps it in whole, so the hot path
-neither waits for a 500k-face reload nor for another process's lock. Either way, when the gallery cannot
+neither waits for a 500k-face reload nor for another process's lock. Before that reload starts, people
+who are no longer in the gallery (removed, or missing from a file swapped in) stop being matched at once:
+the load takes seconds at 500k faces, and a removal must not wait for it. Either way, when the gallery cannot
 be read (locked past its busy timeout, replaced by something that is not a gallery, deleted) matching goes
 on with the last good index, `status.stale` says so, and a warning is logged (rate limited) until it reads
 again.
@@ -94,10 +96,21 @@ class _Index:
     people: tuple[str, ...]  # one per group, in group order
     starts: np.ndarray  # (P,) first column of each person's faces in `faces`
     faces: PreparedGallery  # (M, D) rows grouped by person, ready for `pairwise`
+    shown: np.ndarray | None = None  # groups still matchable (None: all) while a reload is on its way
+    shown_people: tuple[str, ...] = ()
 
     @property
     def dim(self) -> int:
         return self.faces.vectors.shape[1]
+
+    @property
+    def matchable(self) -> tuple[str, ...]:
+        return self.people if self.shown is None else self.shown_people
+
+    def without(self, gone: set[str]) -> _Index:
+        """This index with the groups of `gone` hidden: no copy of the faces."""
+        shown = np.asarray([i for i, name in enumerate(self.people) if name not in gone], dtype=np.intp)
+        return replace(self, shown=shown, shown_people=tuple(self.people[i] for i in shown.tolist()))
 
 
 def _build_index(snapshot: Snapshot, metric: Metric) -> _Index:
@@ -184,6 +197,13 @@ class Matcher:
         current = self._index
         if current is not None and current.version == version:
             return False
+        if current is not None and self._thread is not None:
+            gone = set(current.matchable) - self.gallery.names()
+            if gone:
+                self._index = current = current.without(gone)
+                self._status = replace(self._status, people=len(current.matchable))
+                log.info("gallery %s: %d people gone, no longer matched; reloading the rest", self.gallery.path,
+                         len(gone))
         snapshot = self.gallery.snapshot(self.embedder_id)
         index = _build_index(snapshot, self.metric)
         del snapshot
@@ -256,10 +276,12 @@ class Matcher:
         """(people, (N, P) distance from every query to every person): one matrix product for the batch."""
         index = self._current_index()
         q = self._check_queries(queries, index)
-        if not index.people or not len(q):
-            return index.people, np.full((len(q), len(index.people)), np.inf, dtype=np.float32)
+        people = index.matchable
+        if not people or not len(q):
+            return people, np.full((len(q), len(people)), np.inf, dtype=np.float32)
         per_face = pairwise(q, index.faces, self.metric)
-        return index.people, np.minimum.reduceat(per_face, index.starts, axis=1)
+        dist = np.minimum.reduceat(per_face, index.starts, axis=1)
+        return people, dist if index.shown is None else dist[:, index.shown]
 
     def match(self, queries: np.ndarray) -> list[Match]:
         """The best person for each query row; unknown (name None) when the best distance >= threshold."""

@@ -72,6 +72,7 @@ class DetectWorker:
         self.first_frame_at: float | None = None
         self.last_frame_at: float | None = None
         self.last_stats = 0.0
+        self.gallery_stale = False
 
     def stop(self, *_: object) -> None:
         self.running = False
@@ -121,6 +122,7 @@ class DetectWorker:
         self._results(timeout_ms=0 if worked else 5)
         self.client.expire()
         self._check_inference()
+        self._check_gallery()
         if time.monotonic() - self.last_stats >= min(1.0, self.settings.publish.heartbeat_s):
             self._send_stats()
         self._check_reachable()
@@ -156,6 +158,21 @@ class DetectWorker:
         for change in self.client.poll_health():
             self._send([PipelineStatus(inference=change.status, detail=change.detail)])
 
+    def _check_gallery(self) -> None:
+        """A gallery that became unreadable (locked, swapped for something else) or readable again: the
+        matcher goes on with its last good copy; subscribers are told both ways."""
+        if self.matcher is None:
+            return
+        status = self.matcher.status
+        if status.stale == self.gallery_stale:
+            return
+        self.gallery_stale = status.stale
+        if status.stale:
+            detail = f"{status.error}; matching with the copy of {status.people} people loaded before"
+        else:
+            detail = f"readable again: {status.people} people, {status.faces} faces"
+        self._send([PipelineStatus(gallery="stale" if status.stale else "ok", detail=detail[:2000])])
+
     def _check_reachable(self) -> None:
         from streamer.pipeline.slot import check_reachable
 
@@ -181,6 +198,8 @@ class DetectWorker:
             slot.source.stop()
         self.output.close()
         self.detector.close()
+        if self.matcher is not None:
+            self.matcher.close()  # its reload thread first, then the file
         if self.gallery is not None:
             self.gallery.close()
         self.client.close()

@@ -351,7 +351,8 @@ class Supervisor:
                     except ValueError as exc:  # a bug, not a user error: say what was malformed
                         self._log.warning("event", "dropping an invalid event: %s", _first_line(exc))
                         continue
-                    if event.kind == "pipeline.status" and not self._inference_changed(event):
+                    if (event.kind == "pipeline.status" and event.inference is not None
+                            and not self._inference_changed(event)):
                         continue
                     self._publish(event, crop, meta.decoded_at)
             if not until_idle:

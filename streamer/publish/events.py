@@ -19,6 +19,12 @@ becomes unavailable (the worker is gone, its endpoint refuses or never answers, 
     {"kind": "pipeline.status", "stream": "*", "inference": "down", "detail": "cannot connect to ...", ...}
     {"kind": "pipeline.status", "stream": "*", "inference": "up", "detail": "back after 4.2 s", ...}
 
+The same kind says when the gallery file cannot be read (locked by another process, replaced by something
+that is not a gallery): matching goes on with the last good copy until it is read again:
+
+    {"kind": "pipeline.status", "stream": "*", "gallery": "stale", "detail": "... locked by another process ..."}
+    {"kind": "pipeline.status", "stream": "*", "gallery": "ok", "detail": "readable again: 2 people, 3 faces"}
+
 While it is down, tracks and stream events go on but no face is recognised. Every heartbeat repeats the state
 (`inference`: "starting" until the worker first answers, then "up" or "down"; `inference_detail`: why it is
 down, else "").
@@ -33,7 +39,7 @@ import time
 from typing import Annotated, Any, ClassVar, Literal, NamedTuple, Union
 
 import numpy as np
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, TypeAdapter
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, TypeAdapter, model_validator
 
 from streamer.types import Attributes
 
@@ -144,14 +150,30 @@ class StreamStatus(EventBase):
 
 
 class PipelineStatus(EventBase):
-    """A change of a part every stream depends on; today the inference worker (recognition)."""
+    """A change of a part every stream depends on: the inference worker (recognition) or the gallery.
+
+    Exactly one of `inference` and `gallery` is set: each event reports one change.
+    """
+
+    OPTIONAL_ON_WIRE: ClassVar[tuple[str, ...]] = ("inference", "gallery")
 
     kind: Literal["pipeline.status"] = "pipeline.status"
     stream: StreamId = ALL_STREAMS
-    inference: InferenceStatusValue = Field(
-        description="down: no face is recognised until it is up again (tracks go on); up: recognition works"
+    inference: InferenceStatusValue | None = Field(
+        None, description="down: no face is recognised until it is up again (tracks go on); up: recognition works"
     )
-    detail: str = Field("", description="why it is down (with what to check), or how long it was down")
+    gallery: Literal["ok", "stale"] | None = Field(
+        None,
+        description="stale: the gallery file cannot be read (locked, replaced by something else, deleted); "
+        "matching goes on with the last good copy; ok: read again",
+    )
+    detail: str = Field("", description="why it is down or stale (with what to check), or how long it lasted")
+
+    @model_validator(mode="after")
+    def _one_change(self) -> PipelineStatus:
+        if (self.inference is None) == (self.gallery is None):
+            raise ValueError("pipeline.status: expected exactly one of inference and gallery")
+        return self
 
 
 class TrackStarted(FaceEvent):
