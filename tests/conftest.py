@@ -86,3 +86,17 @@ def _conversions_in_the_session_cache(cache_dir):
         os.environ.pop("STREAMER_MODELS__CACHE_DIR", None)
     else:
         os.environ["STREAMER_MODELS__CACHE_DIR"] = previous
+
+
+@pytest.fixture(scope="session")
+def lin_gallery(tmp_path_factory, media_dir, model_dir, cache_dir) -> Path:
+    """A gallery with Lin-Manuel Miranda enrolled from his reference still (the Hamilton clip's lead)."""
+    from streamer.config import load_settings
+    from streamer.engine import FaceEngine
+    from streamer.match.gallery import Gallery
+
+    path = tmp_path_factory.mktemp("gallery") / "people.db"
+    settings = load_settings(overrides={"model_dir": str(model_dir), "models": {"cache_dir": str(cache_dir)}})
+    with FaceEngine(settings) as engine, Gallery(path) as gallery:
+        engine.enroll(gallery, "Lin-Manuel Miranda", [media_dir / "face_recognition/examples/lin-manuel-miranda.png"])
+    return path

@@ -227,17 +227,6 @@ def test_bad_webhook_settings_fail_naming_the_setting(hook, error):
     assert "publish.webhooks.0" in str(raised.value)
 
 
-@pytest.fixture(scope="module")
-def lin_gallery(tmp_path_factory, media_dir, model_dir, cache_dir):
-    from streamer.engine import FaceEngine
-    from streamer.match.gallery import Gallery
-
-    path = tmp_path_factory.mktemp("gallery") / "people.db"
-    settings = load_settings(overrides={"model_dir": str(model_dir), "models": {"cache_dir": str(cache_dir)}})
-    with FaceEngine(settings) as engine, Gallery(path) as gallery:
-        engine.enroll(gallery, LIN, [media_dir / "face_recognition/examples/lin-manuel-miranda.png"])
-    return path
-
 
 def test_streamer_run_posts_his_identity_through_failures(server, tmp_path, media_dir, model_dir, cache_dir,
                                                           lin_gallery):
