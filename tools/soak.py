@@ -202,6 +202,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         time.sleep(args.warmup)
         rss_start = run.rss()
+        rss_end = rss_start
         step = 0
         while time.monotonic() + args.every < end and run.process.poll() is None:
             fault = faults[step % len(faults)]
@@ -226,9 +227,12 @@ def main(argv: list[str] | None = None) -> int:
                 camera.restart()
             time.sleep(args.every - (time.monotonic() - at))
             recovery = events.first_after(at, checks[fault])
+            if run.process.poll() is None:
+                rss_end = run.rss()  # the last reading while it ran, whatever ends the soak
             results.append({"fault": fault, "at_s": round(at - started, 1),
                             "recovered_s": None if recovery is None else round(recovery, 2)})  # fmt: skip
-        rss_end = run.rss()
+        if run.process.poll() is None:
+            rss_end = run.rss()
     finally:
         code = run.stop()
         events.stop_flag.set()

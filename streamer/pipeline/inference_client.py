@@ -261,9 +261,10 @@ class InferenceClient:
         problem = welcome.mismatch(self.embedder, self.sha256, self.chip_size, self.heads)
         if problem is not None:
             raise InferenceMismatch(f"inference.endpoint {self.endpoint}: {problem}")
+        if welcome != self.welcome:  # probes are answered by a Welcome too: say it only when it is news
+            log.info("inference worker %s: %s on %s, batches up to %d", self.endpoint, welcome.embedder,
+                     welcome.device, welcome.max_batch)
         self.welcome = welcome
-        log.info("inference worker %s: %s on %s, batches up to %d", self.endpoint, welcome.embedder,
-                 welcome.device, welcome.max_batch)
 
     def _rejected(self, error: ErrorReply) -> None:
         pending = self._pending.pop(error.id, None) if error.id is not None else None
