@@ -270,26 +270,54 @@ def _check_gallery_target(path: Path) -> None:
 
 
 def cmd_gallery(args: argparse.Namespace) -> int:
+    """`import` enrols every photo that works and reports each one left out: exit 2 when any photo failed
+    (unreadable, no face), 0 when only stray non-image files or empty folders were skipped."""
+    from streamer.engine import content_hash
     from streamer.match.gallery import Gallery
 
     path = Path(args.gallery)
-    if args.gallery_command in ("add", "import"):
+    if args.gallery_command in ("add", "import", "reject"):
         _check_gallery_target(path)
         if path.exists():
             Gallery(path, create=False).close()  # a JPEG passed as --gallery fails here, before any work
+        elif args.gallery_command == "reject":
+            raise GalleryError(f"gallery {path} does not exist: enrol {args.name} first (streamer gallery add)")
+        skipped: list[tuple[str, str]] = []
+        failed: list[tuple[str, str]] = []
         with _engine(args) as engine:
+            if args.gallery_command == "reject":
+                vectors, sources = engine.enrollment_embeddings(args.images)
+                hashes = [content_hash(image) for image in args.images]
+                with Gallery(path, create=False) as gallery:
+                    done = gallery.reject(args.name, vectors, engine.embedder.spec.id, sources, hashes)
+                _report_duplicates(done.duplicates, f"already rejected for {done.person.name}")
+                print(f"recorded {done.added} face(s) as not {done.person.name}", file=sys.stderr)
+                return 0
             if args.gallery_command == "add":
                 vectors, sources = engine.enrollment_embeddings(args.images)
-                entries = [(args.name, vectors, sources)]
+                entries = [(args.name, vectors, sources, [content_hash(image) for image in args.images])]
             else:
-                entries = engine.folder_entries(args.folder)
+                found = engine.folder_entries(args.folder)
+                entries, skipped, failed = found.entries, found.skipped, found.failed
             gallery = Gallery(path, create=True)
             try:
-                gallery.add_many(entries, engine.embedder.spec.id)
+                done_all = gallery.enrol(entries, engine.embedder.spec.id)
             finally:
                 gallery.close()
-        for name, vectors, _ in entries:
-            print(f"enrolled {name}: {len(vectors)} face(s)", file=sys.stderr)
+        for done in done_all:
+            _report_duplicates(done.duplicates, f"already enrolled for {done.person.name}")
+            print(f"enrolled {done.person.name}: {done.added} face(s)", file=sys.stderr)
+        if args.gallery_command == "import":
+            for file, reason in skipped:
+                print(f"streamer: warning: skipped {file}: {reason}", file=sys.stderr)
+            for file, reason in failed:
+                print(f"streamer: error: {file}: {reason}", file=sys.stderr)
+            new_people = sum(1 for d in done_all if d.added and d.person.faces == d.added)
+            faces = sum(d.added for d in done_all)
+            duplicates = sum(len(d.duplicates) for d in done_all)
+            print(f"imported {faces} face(s), {new_people} new people; skipped {duplicates} already enrolled, "
+                  f"{len(skipped)} not photos or empty; {len(failed)} failed", file=sys.stderr)
+            return 2 if failed else 0
         return 0
 
     gallery = Gallery(path, create=False, readonly=args.gallery_command == "list")
@@ -297,10 +325,12 @@ def cmd_gallery(args: argparse.Namespace) -> int:
         if args.gallery_command == "list":
             people = gallery.people()
             if args.json:
-                _emit([{"name": p.name, "faces": p.faces, "models": list(p.embedder_ids)} for p in people])
+                _emit([{"name": p.name, "faces": p.faces, "negatives": p.negatives, "models": list(p.embedder_ids)}
+                       for p in people])
             else:
                 for p in people:
-                    print(f"{p.name}\t{p.faces} face(s)")
+                    rejected = f", {p.negatives} rejected" if p.negatives else ""
+                    print(f"{p.name}\t{p.faces} face(s){rejected}")
         elif args.gallery_command == "remove":
             for name in args.names:
                 gallery.remove(name)
@@ -311,6 +341,11 @@ def cmd_gallery(args: argparse.Namespace) -> int:
     finally:
         gallery.close()
     return 0
+
+
+def _report_duplicates(sources: tuple[str | None, ...], why: str) -> None:
+    for source in sources:
+        print(f"streamer: skipped {source or 'a photo'}: the same photo is {why}", file=sys.stderr)
 
 
 # -- models --------------------------------------------------------------------------------------------
@@ -385,7 +420,21 @@ def cmd_run(args: argparse.Namespace) -> int:
     if not settings.sources:
         raise InputError("no source given: streamer run SOURCE... (or sources: in the config file)")
     _check_files_exist(settings.sources)
+    _check_gallery_embedder(settings)
     return run_pipeline(settings, progress=not args.quiet, print_events=args.print_events)
+
+
+def _check_gallery_embedder(settings: Any) -> None:
+    """A missing gallery, or one enrolled with another embedder, fails now in one line, not after the models
+    load (and never as "unknown" for everyone)."""
+    if settings.gallery.path is None:
+        return
+    from streamer.match.gallery import Gallery
+    from streamer.match.matcher import check_embedder
+    from streamer.models.factory import ModelFactory
+
+    with Gallery(Path(settings.gallery.path), create=False, readonly=True) as gallery:
+        check_embedder(gallery, ModelFactory(settings).embedder_spec.id)
 
 
 def _check_files_exist(sources: list[Any]) -> None:
@@ -734,8 +783,19 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("images", nargs="+", metavar="IMAGE", help="photos of that person (the largest face in each)")
     g = command(gsub, "import", "enroll a folder holding one sub-folder per person",
                 "streamer gallery import photos/ --gallery people.db    # photos/Ada Lovelace/1.jpg, ...",
-                parents=(face_opts,))
+                parents=(face_opts,),
+                description="Enroll a folder holding one sub-folder per person. Every photo that works is "
+                "enrolled; photos already enrolled (same content) add nothing; stray non-image files and empty "
+                "folders are skipped with a warning; each photo that fails (unreadable, no face) is reported. "
+                "Exit status 2 when any photo failed, 0 otherwise.")
     g.add_argument("folder", help="folder of sub-folders, each named after the person whose photos it holds")
+    g = command(gsub, "reject", "record photos of someone who is NOT this person (a look-alike)",
+                'streamer gallery reject "Ada Lovelace" not-ada.jpg --gallery people.db', parents=(face_opts,),
+                description="Record faces that are NOT this person (negative examples). A face nearer to "
+                "these than to the person's own enrolled faces is never named as them. Removing the person "
+                "erases these too.")
+    g.add_argument("name", help="the enrolled person these photos are not")
+    g.add_argument("images", nargs="+", metavar="IMAGE", help="photos of someone else (the largest face in each)")
     g = command(gsub, "list", "enrolled people and their face counts",
                 "streamer gallery list --gallery people.db --json")
     g.add_argument("--json", action="store_true", help="one JSON list on stdout")

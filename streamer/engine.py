@@ -6,9 +6,10 @@ module only wires them for single images. Models load lazily, once per engine.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 
@@ -43,6 +44,45 @@ def load_image(image: ImageInput, max_pixels: int | None = None) -> np.ndarray:
 
 def _name_of(image: ImageInput) -> str:
     return str(image) if not isinstance(image, np.ndarray) else "<array>"
+
+
+def content_hash(image: ImageInput) -> str:
+    """sha256 (hex) of a photo's bytes (of an array's shape and pixels): the gallery's key for "this photo
+    is already enrolled", whatever the file is called or wherever it lies."""
+    digest = hashlib.sha256()
+    if isinstance(image, np.ndarray):
+        digest.update(repr((image.shape, str(image.dtype))).encode())
+        digest.update(np.ascontiguousarray(image).tobytes())
+    else:
+        try:
+            with open(image, "rb") as f:
+                for block in iter(lambda: f.read(1 << 20), b""):
+                    digest.update(block)
+        except OSError as exc:
+            raise InputError(f"{image}: cannot read ({exc.strerror or exc})") from None
+    return digest.hexdigest()
+
+
+# Suffixes that promise a photo: such a file that cannot be enrolled is a failure, while any other file
+# that is not an image by its content (notes.txt, .DS_Store, Thumbs.db) is a stray, skipped with a warning.
+IMAGE_SUFFIXES = frozenset(
+    {".jpg", ".jpeg", ".jpe", ".png", ".webp", ".bmp", ".dib", ".tif", ".tiff", ".gif", ".pbm", ".pgm", ".ppm",
+     ".pnm", ".pxm", ".heic", ".heif", ".avif", ".jp2"}
+)
+
+
+@dataclass(frozen=True)
+class FolderImport:
+    """What `folder_entries` found: what to enrol, and what it left out.
+
+    entries: (name, vectors (N, D), sources, sha256 hashes) per person with at least one usable photo;
+    skipped: (path, reason) for stray non-image files and empty folders (warnings, not failures);
+    failed: (path, reason) for photos that could not be enrolled (unreadable, no face).
+    """
+
+    entries: list[tuple[str, np.ndarray, list[str], list[str]]] = field(default_factory=list)
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+    failed: list[tuple[str, str]] = field(default_factory=list)
 
 
 # Field names follow the published events (streamer.publish.events.Identity): `name` is the matched person,
@@ -209,9 +249,11 @@ class FaceEngine:
         return Gallery(Path(path), create=create, readonly=readonly)
 
     def matcher(self, gallery):
-        from streamer.match.matcher import Matcher
+        """A matcher for this engine's embedder; a gallery enrolled only with other embedders is refused."""
+        from streamer.match.matcher import Matcher, check_embedder
 
         spec = self.embedder.spec
+        check_embedder(gallery, spec.id)
         return Matcher(gallery, spec.id, spec.metric, self.embedder.spec.threshold)
 
     def find(self, image: ImageInput, gallery) -> list[FoundFace]:
@@ -247,36 +289,62 @@ class FaceEngine:
         return np.stack(vectors).astype(np.float32), sources
 
     def enroll(self, gallery, name: str, images: Sequence[ImageInput]) -> int:
+        """Enrol `images` for `name`; returns the faces added (photos already enrolled for them add none)."""
         vectors, sources = self.enrollment_embeddings(images)
-        gallery.add(name, vectors, self.embedder.spec.id, sources)
-        return len(vectors)
+        hashes = [content_hash(image) for image in images]
+        done = gallery.enrol([(name, vectors, sources, hashes)], self.embedder.spec.id)
+        return done[0].added
 
-    def folder_entries(self, folder: str | Path) -> list[tuple[str, np.ndarray, list[str]]]:
+    def reject(self, gallery, name: str, images: Sequence[ImageInput]) -> int:
+        """Record `images` as faces that are NOT `name` (negative examples); returns how many were added."""
+        vectors, sources = self.enrollment_embeddings(images)
+        hashes = [content_hash(image) for image in images]
+        return gallery.reject(name, vectors, self.embedder.spec.id, sources, hashes).added
+
+    def folder_entries(self, folder: str | Path) -> FolderImport:
         """Embeddings for a folder holding one sub-folder per person (the sub-folder names the person).
 
-        Everything is checked and embedded before anything is written, so a bad file anywhere leaves
-        the gallery untouched."""
+        Every photo that works is kept; stray non-image files and empty folders are skipped, and photos
+        that cannot be enrolled are failed, each with its reason (see FolderImport). Nothing is written
+        here; the caller enrols the entries in one transaction."""
         folder = Path(folder)
         if not folder.is_dir():
             raise InputError(f"{folder}: not a directory")
         people = sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
         if not people:
             raise InputError(f"{folder}: no sub-folders (expected one folder per person holding their photos)")
-        entries = []
+        result = FolderImport()
+        for stray in sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")):
+            result.skipped.append((str(stray), "a file beside the person folders (expected one folder per person)"))
         for person in people:
             files = sorted(p for p in person.iterdir() if p.is_file() and not p.name.startswith("."))
-            if not files:
-                raise InputError(f"{person}: empty folder (no photos of {person.name})")
+            vectors, sources, hashes = [], [], []
             for file in files:
                 # By content, as `gallery add` decides (cv2 reads the signature): a GIF or a .JPG from a
                 # phone is a photo whatever its suffix says.
                 if not cv2.haveImageReader(str(file)):
-                    raise InputError(f"{file}: not an image file (JPEG, PNG, WebP, BMP, TIFF, GIF, PNM)")
-            vectors, sources = self.enrollment_embeddings(files)
-            entries.append((person.name, vectors, sources))
-        return entries
+                    if file.suffix.lower() in IMAGE_SUFFIXES:
+                        result.failed.append((str(file), "not an image file (JPEG, PNG, WebP, BMP, TIFF, GIF, PNM)"))
+                    else:
+                        result.skipped.append((str(file), "not an image"))
+                    continue
+                try:
+                    _, vector = self.embed_primary(file)
+                    digest = content_hash(file)
+                except (InputError, NoFaceError) as exc:
+                    result.failed.append((str(file), str(exc).removeprefix(f"{file}: ")))
+                    continue
+                vectors.append(vector)
+                sources.append(file.name)
+                hashes.append(digest)
+            if vectors:
+                result.entries.append((person.name, np.stack(vectors).astype(np.float32), sources, hashes))
+            elif not files:
+                result.skipped.append((str(person), f"empty folder (no photos of {person.name})"))
+        return result
 
-    def import_folder(self, gallery, folder: str | Path) -> dict[str, int]:
-        entries = self.folder_entries(folder)
-        gallery.add_many(entries, self.embedder.spec.id)
-        return {name: len(vectors) for name, vectors, _ in entries}
+    def import_folder(self, gallery, folder: str | Path) -> FolderImport:
+        """`folder_entries`, then enrol what worked in one transaction (photos already enrolled add nothing)."""
+        found = self.folder_entries(folder)
+        gallery.enrol(found.entries, self.embedder.spec.id)
+        return found

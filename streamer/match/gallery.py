@@ -44,7 +44,7 @@ log = logging.getLogger(__name__)
 
 # "STRG": marks a file as a streamer gallery, so another SQLite database is refused instead of altered.
 APPLICATION_ID = 0x53545247
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 BUSY_TIMEOUT_S = 5.0
 _CHUNK_ROWS = 2048  # rows copied per step when loading a matrix: the GIL is never held for long
 _SQLITE_BUSY, _SQLITE_LOCKED, _SQLITE_READONLY, _SQLITE_CANTOPEN = 5, 6, 8, 14
@@ -76,10 +76,35 @@ def _create_v1(conn: sqlite3.Connection) -> None:
         conn.execute(statement)
 
 
+# Version 2: a content hash per face (re-enrolling the same photo adds nothing) and negative examples
+# ("this is not NAME"), which go with their person on remove like the faces do.
+_SCHEMA_V2 = (
+    "ALTER TABLE faces ADD COLUMN sha256 TEXT",
+    "CREATE UNIQUE INDEX faces_by_hash ON faces(person_id, embedder_id, sha256) WHERE sha256 IS NOT NULL",
+    """CREATE TABLE negatives (
+        id          INTEGER PRIMARY KEY,
+        person_id   INTEGER NOT NULL REFERENCES people(id) ON DELETE CASCADE,
+        embedder_id TEXT NOT NULL,
+        dim         INTEGER NOT NULL CHECK (dim > 0),
+        vector      BLOB NOT NULL CHECK (length(vector) = 4 * dim),
+        source      TEXT,
+        sha256      TEXT,
+        created_at  TEXT NOT NULL
+    )""",
+    "CREATE INDEX negatives_by_embedder ON negatives(embedder_id, person_id)",
+    "CREATE UNIQUE INDEX negatives_by_hash ON negatives(person_id, embedder_id, sha256) WHERE sha256 IS NOT NULL",
+)
+
+
+def _create_v2(conn: sqlite3.Connection) -> None:
+    for statement in _SCHEMA_V2:
+        conn.execute(statement)
+
+
 # MIGRATIONS[v] upgrades a file from schema version v to v + 1 inside the open transaction.
 # Version 0 is a blank file; later versions append a step here and bump SCHEMA_VERSION.
 Migration = Callable[[sqlite3.Connection], None]
-MIGRATIONS: dict[int, Migration] = {0: _create_v1}
+MIGRATIONS: dict[int, Migration] = {0: _create_v1, 1: _create_v2}
 
 
 @dataclass(frozen=True)
@@ -100,6 +125,17 @@ class PersonSummary:
     name: str
     faces: int
     embedder_ids: tuple[str, ...]
+    negatives: int = 0  # "this is not NAME" examples, over the same embedder ids as `faces`
+
+
+@dataclass(frozen=True)
+class Enrolled:
+    """What one `Gallery.enrol` entry did: the person as stored, faces added, and the sources of those
+    skipped because the same content (sha256) was already enrolled for that person and embedder."""
+
+    person: Person
+    added: int
+    duplicates: tuple[str | None, ...] = ()
 
 
 @dataclass(frozen=True, eq=False)
@@ -114,6 +150,10 @@ class Snapshot:
     people: tuple[str, ...]
     starts: np.ndarray
     vectors: np.ndarray
+    # Negative examples, grouped like the faces: one name per group, (G,) group starts, (K, D) vectors.
+    negative_people: tuple[str, ...] = ()
+    negative_starts: np.ndarray = field(default_factory=lambda: np.zeros(0, np.intp))
+    negatives: np.ndarray = field(default_factory=lambda: np.zeros((0, 0), np.float32))
 
     @property
     def names(self) -> list[str]:
@@ -152,6 +192,7 @@ class _Entry:
     name: str
     vectors: np.ndarray
     sources: tuple[str | None, ...]
+    hashes: tuple[str | None, ...]
 
 
 def clean_name(name: object) -> str:
@@ -187,19 +228,27 @@ def _check_vectors(name: str, embeddings: object) -> np.ndarray:
     return vectors
 
 
-def _check_entry(name: object, embeddings: object, sources: Sequence[str] | None) -> _Entry:
+def _check_strings(what: str, noun: str, name: str, values: Sequence[str] | None,
+                   count: int) -> tuple[str | None, ...]:
+    if values is None:
+        return (None,) * count
+    if isinstance(values, str | bytes) or len(values) != count:
+        got = "a single string" if isinstance(values, str | bytes) else f"{len(values)}"
+        raise ValueError(f"{what} for {name!r}: expected {count} {noun}, got {got}")
+    if not all(v is None or isinstance(v, str) for v in values):
+        raise ValueError(f"{what} for {name!r}: expected strings")
+    return tuple(values)
+
+
+def _check_entry(name: object, embeddings: object, sources: Sequence[str] | None = None,
+                 hashes: Sequence[str] | None = None) -> _Entry:
+    """`hashes`: one sha256 (hex) of each face's source content; a hash already stored for this person
+    and embedder makes that row a duplicate, skipped."""
     cleaned = clean_name(name)
     vectors = _check_vectors(cleaned, embeddings)
-    if sources is None:
-        checked: tuple[str | None, ...] = (None,) * len(vectors)
-    else:
-        if isinstance(sources, str | bytes) or len(sources) != len(vectors):
-            got = "a single string" if isinstance(sources, str | bytes) else f"{len(sources)}"
-            raise ValueError(f"sources for {cleaned!r}: expected {len(vectors)} file names, got {got}")
-        if not all(isinstance(s, str) for s in sources):
-            raise ValueError(f"sources for {cleaned!r}: expected strings")
-        checked = tuple(sources)
-    return _Entry(cleaned, vectors, checked)
+    checked = _check_strings("sources", "file names", cleaned, sources, len(vectors))
+    digests = _check_strings("hashes", "sha256 digests", cleaned, hashes, len(vectors))
+    return _Entry(cleaned, vectors, checked, digests)
 
 
 def _now() -> str:
@@ -334,9 +383,17 @@ class Gallery:
                 f"gallery {self.path} has schema version {version}; this streamer reads up to {SCHEMA_VERSION}"
             )
         if self.readonly:
+            if 1 <= version < SCHEMA_VERSION and not self._immutable and os.access(self.path, os.W_OK) \
+                    and os.access(self.path.parent, os.W_OK):
+                # A gallery from an older streamer, opened by `run`, `find` or `list`: upgrade it once (the
+                # steps add tables and columns, no vector is rewritten) rather than refuse every reader.
+                Gallery(self.path, create=False).close()
+                version = conn.execute("PRAGMA user_version").fetchone()[0]
             if version < SCHEMA_VERSION:
                 raise GalleryError(
-                    f"gallery {self.path} is empty or needs an upgrade (schema {version}); open it writable"
+                    f"gallery {self.path} is empty or was written by an older streamer (schema {version}) and "
+                    f"cannot be upgraded by this user: run `streamer gallery list --gallery {self.path}` once "
+                    "as a user who may write it"
                 )
         else:
             try:
@@ -491,26 +548,44 @@ class Gallery:
         embedder_id: str,
         sources: Sequence[str] | None = None,
         *,
+        hashes: Sequence[str] | None = None,
         metadata: Mapping[str, Any] | None = None,
     ) -> Person:
         """Enrol `embeddings` (N, D) for `name`, creating the person if new; all-or-nothing.
 
-        `sources` holds one file name per row (kept for listings; never the image). `metadata` is merged
-        into the person's JSON metadata.
+        `sources` holds one file name per row (kept for listings; never the image), `hashes` one sha256 of
+        each row's source (rows already stored under that hash are skipped). `metadata` is merged into the
+        person's JSON metadata.
         """
-        return self.add_many([(name, embeddings, sources)], embedder_id, metadata=metadata)[0]
+        return self.add_many([(name, embeddings, sources, hashes)], embedder_id, metadata=metadata)[0]
 
     def add_many(
         self,
-        entries: Sequence[tuple[str, np.ndarray, Sequence[str] | None]],
+        entries: Sequence[tuple[Any, ...]],
         embedder_id: str,
         *,
         metadata: Mapping[str, Any] | None = None,
     ) -> list[Person]:
         """Enrol several people (a folder import) in ONE transaction: either every entry lands or none does.
 
-        Returns one Person per entry, in order. Bad shapes, dtypes or values raise ValueError and bad names
-        GalleryError, all before the file is touched.
+        Each entry is (name, embeddings, sources[, hashes]); see `enrol`. Returns one Person per entry.
+        """
+        return [e.person for e in self.enrol(entries, embedder_id, metadata=metadata)]
+
+    def enrol(
+        self,
+        entries: Sequence[tuple[Any, ...]],
+        embedder_id: str,
+        *,
+        metadata: Mapping[str, Any] | None = None,
+    ) -> list[Enrolled]:
+        """Enrol several people in ONE transaction: either every entry lands or none does.
+
+        Each entry is (name, embeddings (N, D), sources or None[, hashes or None]): one file name per row
+        (kept for listings; never the image) and one sha256 of each row's source content. A row whose hash
+        is already stored for that person and embedder (or repeats within the call) is skipped and reported
+        in `Enrolled.duplicates`, so re-importing the same photos adds nothing. Bad shapes, dtypes or values
+        raise ValueError and bad names GalleryError, all before the file is touched.
         """
         embedder_id = _check_embedder_id(embedder_id)
         checked = [_check_entry(*entry) for entry in entries]
@@ -527,39 +602,83 @@ class Gallery:
             return []
         now = _now()
         with self._write() as conn:
-            stored = self._embedder_dim(conn, embedder_id)
-            if stored is not None and stored not in dims:
-                raise GalleryError(
-                    f"gallery holds {stored}-D embeddings for embedder {embedder_id!r}, "
-                    f"refusing {dims.pop()}-D ones (a different model under the same id?)"
-                )
-            person_ids = [self._insert(conn, entry, embedder_id, now, meta_json) for entry in checked]
-            return [self._person(conn, pid) for pid in person_ids]
+            self._check_dim(conn, embedder_id, dims)
+            done = []
+            for entry in checked:
+                person_id, added, duplicates = Gallery._insert(conn, entry, embedder_id, now, meta_json)
+                done.append(Enrolled(self._person(conn, person_id), added, duplicates))
+            return done
+
+    def _check_dim(self, conn: sqlite3.Connection, embedder_id: str, dims: set[int]) -> None:
+        stored = self._embedder_dim(conn, embedder_id)
+        if stored is not None and stored not in dims:
+            raise GalleryError(
+                f"gallery holds {stored}-D embeddings for embedder {embedder_id!r}, "
+                f"refusing {dims.pop()}-D ones (a different model under the same id?)"
+            )
 
     @staticmethod
     def _embedder_dim(conn: sqlite3.Connection, embedder_id: str) -> int | None:
         row = conn.execute("SELECT dim FROM faces WHERE embedder_id = ? LIMIT 1", (embedder_id,)).fetchone()
+        if row is None:
+            row = conn.execute("SELECT dim FROM negatives WHERE embedder_id = ? LIMIT 1", (embedder_id,)).fetchone()
         return None if row is None else int(row[0])
+
+    @staticmethod
+    def _insert_rows(conn: sqlite3.Connection, table: str, person_id: int, entry: _Entry, embedder_id: str,
+                     now: str) -> tuple[int, tuple[str | None, ...]]:
+        """Insert one entry's rows into `faces` or `negatives`; (rows added, sources of duplicates)."""
+        dim = entry.vectors.shape[1]
+        added, duplicates = 0, []
+        for row, source, digest in zip(entry.vectors, entry.sources, entry.hashes):
+            cursor = conn.execute(
+                f"INSERT OR IGNORE INTO {table} (person_id, embedder_id, dim, vector, source, sha256, created_at) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (person_id, embedder_id, dim, row.tobytes(), source, digest, now),
+            )
+            if cursor.rowcount:
+                added += 1
+            else:
+                duplicates.append(source)
+        return added, tuple(duplicates)
 
     @staticmethod
     def _insert(
         conn: sqlite3.Connection, entry: _Entry, embedder_id: str, now: str, meta_json: str | None
-    ) -> int:
+    ) -> tuple[int, int, tuple[str | None, ...]]:
         conn.execute(
             "INSERT INTO people (name, created_at, metadata) VALUES (?, ?, coalesce(?, '{}')) "
             "ON CONFLICT (name) DO UPDATE SET metadata = json_patch(metadata, coalesce(?, '{}'))",
             (entry.name, now, meta_json, meta_json),
         )
-        person_id = conn.execute("SELECT id FROM people WHERE name = ?", (entry.name,)).fetchone()[0]
-        dim = entry.vectors.shape[1]
-        conn.executemany(
-            "INSERT INTO faces (person_id, embedder_id, dim, vector, source, created_at) VALUES (?, ?, ?, ?, ?, ?)",
-            [
-                (person_id, embedder_id, dim, row.tobytes(), source, now)
-                for row, source in zip(entry.vectors, entry.sources)
-            ],
-        )
-        return int(person_id)
+        person_id = int(conn.execute("SELECT id FROM people WHERE name = ?", (entry.name,)).fetchone()[0])
+        added, duplicates = Gallery._insert_rows(conn, "faces", person_id, entry, embedder_id, now)
+        return person_id, added, duplicates
+
+    def reject(
+        self,
+        name: str,
+        embeddings: np.ndarray,
+        embedder_id: str,
+        sources: Sequence[str] | None = None,
+        hashes: Sequence[str] | None = None,
+    ) -> Enrolled:
+        """Record faces that are NOT `name` (negative examples); the person must be enrolled already.
+
+        A matcher then never names this person for a face nearer to these than to the person's own faces.
+        Duplicates (same sha256) are skipped as in `enrol`; `Enrolled.added` counts the negatives added.
+        """
+        embedder_id = _check_embedder_id(embedder_id)
+        entry = _check_entry(name, embeddings, sources, hashes)
+        with self._write() as conn:
+            row = conn.execute("SELECT id FROM people WHERE name = ?", (entry.name,)).fetchone()
+            if row is None:
+                raise GalleryError(
+                    f"no person named {entry.name!r} in gallery {self.path}: enrol them before rejecting faces"
+                )
+            self._check_dim(conn, embedder_id, {entry.vectors.shape[1]})
+            added, duplicates = self._insert_rows(conn, "negatives", int(row[0]), entry, embedder_id, _now())
+            return Enrolled(self._person(conn, int(row[0])), added, duplicates)
 
     def rename(self, old: str, new: str) -> Person:
         """Give a person a new name; the old name must exist and the new one must be free."""
@@ -575,19 +694,22 @@ class Gallery:
             return self._person(conn, row[0])
 
     def remove(self, name: str) -> int:
-        """Delete a person and erase their vectors from the file; returns how many faces were erased."""
+        """Delete a person and erase their vectors (faces and negative examples) from the file; returns how
+        many faces were erased."""
         cleaned = clean_name(name)
         with self._write() as conn:
             row = conn.execute(
-                "SELECT p.id, count(f.id) FROM people p LEFT JOIN faces f ON f.person_id = p.id "
-                "WHERE p.name = ? GROUP BY p.id",
+                "SELECT p.id, (SELECT count(*) FROM faces f WHERE f.person_id = p.id), "
+                "(SELECT count(*) FROM negatives n WHERE n.person_id = p.id) FROM people p WHERE p.name = ?",
                 (cleaned,),
             ).fetchone()
             if row is None:
                 raise GalleryError(f"no person named {cleaned!r} in gallery {self.path}")
-            conn.execute("DELETE FROM people WHERE id = ?", (row[0],))  # faces go by ON DELETE CASCADE
+            # Faces and negatives go by ON DELETE CASCADE.
+            conn.execute("DELETE FROM people WHERE id = ?", (row[0],))
         self._vacuum()
-        log.info("gallery %s: removed %r and erased %d embeddings", self.path, cleaned, row[1])
+        log.info("gallery %s: removed %r and erased %d embeddings and %d negative examples", self.path, cleaned,
+                 row[1], row[2])
         return int(row[1])
 
     def _vacuum(self) -> None:
@@ -659,6 +781,11 @@ class Gallery:
             "GROUP BY p.id, f.embedder_id ORDER BY p.name, f.embedder_id",
             (embedder_id,),
         )
+        negatives = dict(self._read(
+            "SELECT p.name, count(*) FROM people p JOIN negatives n ON n.person_id = p.id "
+            "WHERE ?1 IS NULL OR n.embedder_id = ?1 GROUP BY p.id",
+            (embedder_id,),
+        ))
         # Grouped here rather than with group_concat, which would split ids that contain its separator.
         per_person: dict[str, dict[str, int]] = {}
         for name, eid, count in rows:
@@ -666,7 +793,7 @@ class Gallery:
             if eid is not None:
                 ids[eid] = int(count)
         return [
-            PersonSummary(name, sum(ids.values()), tuple(ids))
+            PersonSummary(name, sum(ids.values()), tuple(ids), int(negatives.get(name, 0)))
             for name, ids in per_person.items()
             if embedder_id is None or ids
         ]
@@ -759,7 +886,9 @@ class Gallery:
                         ) from None
                 if row != count:
                     raise GalleryError(f"gallery {self.path} changed during a read (fewer rows than counted)")
-                return Snapshot((self._generation, version), tuple(name for name, _ in groups), starts, vectors)
+                negative_people, negative_starts, negatives = self._negatives(conn, embedder_id, int(dim))
+                return Snapshot((self._generation, version), tuple(name for name, _ in groups), starts, vectors,
+                                negative_people, negative_starts, negatives)
             except sqlite3.Error as exc:
                 raise self._read_error(exc) from None
             finally:
@@ -772,6 +901,28 @@ class Gallery:
                         pass
 
 
+    def _negatives(self, conn: sqlite3.Connection, embedder_id: str,
+                   dim: int) -> tuple[tuple[str, ...], np.ndarray, np.ndarray]:
+        """Negative examples of one embedder grouped by person (name order), inside the snapshot's read.
+        Few per person, so read in one go."""
+        rows = conn.execute(
+            "SELECT p.name, n.vector FROM people p CROSS JOIN negatives n ON n.person_id = p.id "
+            "WHERE n.embedder_id = ? ORDER BY p.name, n.id",
+            (embedder_id,),
+        ).fetchall()
+        if not rows:
+            return (), np.zeros(0, np.intp), np.zeros((0, dim), np.float32)
+        if any(len(blob) != 4 * dim for _, blob in rows):
+            raise GalleryError(f"gallery {self.path}: embedder {embedder_id!r} has vectors of mixed length")
+        vectors = np.frombuffer(b"".join(blob for _, blob in rows), dtype=np.float32).reshape(len(rows), dim).copy()
+        people, starts = [], []
+        for i, (name, _) in enumerate(rows):
+            if not people or people[-1] != name:
+                people.append(name)
+                starts.append(i)
+        return tuple(people), np.asarray(starts, dtype=np.intp), vectors
+
+
 class _NeedsImmutable(GalleryError):
     """mode=ro could not read the file in a read-only directory; carries SQLite's reason."""
 
@@ -781,5 +932,5 @@ class _NeedsImmutable(GalleryError):
 
 
 __all__ = [
-    "Gallery", "GalleryError", "Person", "PersonSummary", "Snapshot", "clean_name", "APPLICATION_ID", "SCHEMA_VERSION",
+    "Enrolled", "Gallery", "GalleryError", "Person", "PersonSummary", "Snapshot", "clean_name", "APPLICATION_ID", "SCHEMA_VERSION",
 ]

@@ -4,6 +4,13 @@ Distances
 Euclidean or cosine, as defined in `streamer.match.distance` (the same numbers the engine's verify
 gives). A person's distance is the minimum over that person's faces.
 
+Negative examples
+`streamer gallery reject NAME IMG...` stores faces that are not NAME. For each query and each person, the
+nearest of that person's negatives is compared with the nearest of their own faces: when a negative is
+nearer, that person is out for this query (distance inf) and the next nearest person is considered. So a
+look-alike, once rejected, stops being named NAME while NAME's own photos, nearer to NAME's faces than to
+the look-alike's, still are.
+
 Score
 `score = max(0, 1 - distance / (2 * threshold))`: a similarity in [0, 1] that is 1 for identical vectors,
 exactly 0.5 at the threshold (so score > 0.5 <=> recognised) and 0 at twice the threshold or beyond. It
@@ -45,7 +52,7 @@ from streamer.match.distance import (
 )
 from streamer.match.gallery import Gallery, GalleryError, Snapshot
 
-__all__ = ["METRICS", "GalleryStatus", "Match", "Matcher", "Metric", "open_matcher"]
+__all__ = ["METRICS", "GalleryStatus", "Match", "Matcher", "Metric", "check_embedder", "open_matcher"]
 
 log = logging.getLogger(__name__)
 
@@ -98,6 +105,9 @@ class _Index:
     faces: PreparedGallery  # (M, D) rows grouped by person, ready for `pairwise`
     shown: np.ndarray | None = None  # groups still matchable (None: all) while a reload is on its way
     shown_people: tuple[str, ...] = ()
+    negatives: PreparedGallery | None = None  # (K, D) negative examples grouped by person, or None
+    negative_starts: np.ndarray | None = None  # (G,) first row of each group in `negatives`
+    negative_columns: np.ndarray | None = None  # (G,) the person (column of `people`) each group rejects
 
     @property
     def dim(self) -> int:
@@ -130,7 +140,19 @@ def _build_index(snapshot: Snapshot, metric: Metric) -> _Index:
         faces = PreparedGallery("cosine", vectors, np.zeros(0, np.float32))
     else:
         faces = prepare_gallery(vectors, metric)
-    return _Index(snapshot.version, people, starts.astype(np.intp), faces)
+    index = _Index(snapshot.version, people, starts.astype(np.intp), faces)
+    column = {name: i for i, name in enumerate(people)}
+    # Negatives of people without faces for this embedder can never matter: dropped.
+    keep = [g for g, name in enumerate(snapshot.negative_people) if name in column]
+    if not keep or not len(snapshot.negatives):
+        return index
+    bounds = [*snapshot.negative_starts.tolist(), len(snapshot.negatives)]
+    rows = np.concatenate([np.arange(bounds[g], bounds[g + 1]) for g in keep])
+    sizes = np.asarray([bounds[g + 1] - bounds[g] for g in keep], dtype=np.intp)
+    negative_starts = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.intp)
+    columns = np.asarray([column[snapshot.negative_people[g]] for g in keep], dtype=np.intp)
+    return replace(index, negatives=prepare_gallery(np.ascontiguousarray(snapshot.negatives[rows]), metric),
+                   negative_starts=negative_starts, negative_columns=columns)
 
 
 class Matcher:
@@ -273,7 +295,10 @@ class Matcher:
         return q
 
     def distances(self, queries: np.ndarray) -> tuple[tuple[str, ...], np.ndarray]:
-        """(people, (N, P) distance from every query to every person): one matrix product for the batch."""
+        """(people, (N, P) distance from every query to every person): one matrix product for the batch.
+
+        inf where a person's negative examples are nearer to the query than their faces (module docstring).
+        """
         index = self._current_index()
         q = self._check_queries(queries, index)
         people = index.matchable
@@ -281,6 +306,17 @@ class Matcher:
             return people, np.full((len(q), len(people)), np.inf, dtype=np.float32)
         per_face = pairwise(q, index.faces, self.metric)
         dist = np.minimum.reduceat(per_face, index.starts, axis=1)
+        if index.negatives is not None:
+            # A person whose negatives are nearer than their own faces is out for that query.
+            per_negative = pairwise(q, index.negatives, self.metric)
+            nearest_negative = np.minimum.reduceat(per_negative, index.negative_starts, axis=1)
+            columns = index.negative_columns
+            rejected = nearest_negative < dist[:, columns]
+            if rejected.any():
+                dist = dist.copy() if not dist.flags.writeable else dist
+                sub = dist[:, columns]
+                sub[rejected] = np.inf
+                dist[:, columns] = sub
         return people, dist if index.shown is None else dist[:, index.shown]
 
     def match(self, queries: np.ndarray) -> list[Match]:
@@ -316,9 +352,34 @@ class Matcher:
         return [Match(people[j], float(row[j]), float(s)) for j, s in zip(nearest.tolist(), scores.tolist())]
 
 
+def _embedder_option(embedder_id: str) -> str:
+    """The command-line option that selects the embedder which produced `embedder_id`."""
+    if embedder_id.startswith("dlib_resnet"):
+        return "--embedder dlib_resnet"
+    if embedder_id.startswith("arcface:"):
+        return (f"--embedder mobilefacenet, or --arcface-model FILE (the model whose sha256 starts "
+                f"{embedder_id.split(':', 1)[1]})")
+    return f"the embedder {embedder_id!r} names"
+
+
+def check_embedder(gallery: Gallery, embedder_id: str) -> None:
+    """GalleryError (one line, with the remedy) when the gallery holds faces, none of them from
+    `embedder_id`: matching would then call everyone unknown without saying why. An empty gallery is fine."""
+    enrolled = gallery.embedders()
+    if not enrolled or embedder_id in enrolled:
+        return
+    names = ", ".join(sorted(enrolled))
+    first = sorted(enrolled)[0]
+    raise GalleryError(
+        f"gallery {gallery.path} was enrolled with embedder {names}, but this run uses {embedder_id}: "
+        f"re-enrol the people with this embedder (streamer gallery import/add) or run with {_embedder_option(first)}"
+    )
+
+
 def open_matcher(path, spec) -> tuple[Gallery | None, Matcher | None]:  # noqa: ANN001
     """The gallery at `path` (read-only, never created) and a background-reloading matcher for embedder
-    `spec`; (None, None) without a gallery: every face is then unknown.
+    `spec`; (None, None) without a gallery: every face is then unknown. A gallery enrolled only with other
+    embedders is refused (`check_embedder`).
 
     Opening waits up to the gallery's usual busy timeout for another process's lock; after the first load
     the reload thread waits only briefly and retries instead, with the last good copy answering meanwhile.
@@ -329,6 +390,7 @@ def open_matcher(path, spec) -> tuple[Gallery | None, Matcher | None]:  # noqa: 
 
     gallery = Gallery(Path(path), create=False, readonly=True)
     try:
+        check_embedder(gallery, spec.id)
         matcher = Matcher(gallery, spec.id, spec.metric, spec.threshold, background=True)
     except BaseException:
         gallery.close()
