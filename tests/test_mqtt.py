@@ -285,10 +285,10 @@ def test_username_and_password(tmp_path, caplog):
         wrong = MqttSink(MqttSettings(url=broker.url, username="streamer", password="wrong"), streams=["cam0"])
         try:
             wrong.publish(started(1, 1))
-            time.sleep(1.5)
+            wait_until(lambda: any("refused the connection" in r.getMessage()
+                                   and "publish.mqtt.password" in r.getMessage() for r in caplog.records),
+                       10, "the refusal naming publish.mqtt.password")
             assert wrong.stats()["connected"] == 0 and wrong.stats()["queued"] == 1
-            assert any("refused the connection" in r.getMessage() and "publish.mqtt.password" in r.getMessage()
-                       for r in caplog.records)
         finally:
             wrong.close()
         login = {"username": "streamer", "password": "right horse"}
