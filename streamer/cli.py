@@ -271,7 +271,8 @@ def _check_gallery_target(path: Path) -> None:
 
 def cmd_gallery(args: argparse.Namespace) -> int:
     """`import` enrols every photo that works and reports each one left out: exit 2 when any photo failed
-    (unreadable, no face), 0 when only stray non-image files or empty folders were skipped."""
+    (unreadable, no face, several faces without --face, refused for quality), 0 when only stray non-image
+    files or empty folders were skipped."""
     from streamer.engine import content_hash
     from streamer.match.gallery import Gallery
 
@@ -294,10 +295,10 @@ def cmd_gallery(args: argparse.Namespace) -> int:
                 print(f"recorded {done.added} face(s) as not {done.person.name}", file=sys.stderr)
                 return 0
             if args.gallery_command == "add":
-                vectors, sources = engine.enrollment_embeddings(args.images)
+                vectors, sources = engine.enrollment_embeddings(args.images, args.face, checked=True)
                 entries = [(args.name, vectors, sources, [content_hash(image) for image in args.images])]
             else:
-                found = engine.folder_entries(args.folder)
+                found = engine.folder_entries(args.folder, args.face)
                 entries, skipped, failed = found.entries, found.skipped, found.failed
             gallery = Gallery(path, create=True)
             try:
@@ -588,6 +589,20 @@ def _whole_number(remedy: str) -> Callable[[str], int]:
     return parse
 
 
+def _face_choice(text: str) -> str | int:
+    if text == "largest":
+        return text
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(
+            f"expected 'largest' or a face number >= 1 (counted left to right), got {text!r}"
+        )
+    return value
+
+
 def _seconds(text: str) -> float:
     try:
         value = float(text)
@@ -600,6 +615,13 @@ def _seconds(text: str) -> float:
 
 def _example(*lines: str) -> str:
     return "example:\n" + "\n".join(f"  {line}" for line in lines)
+
+
+_FACE_HELP = (
+    "which face to enrol from a photo with several (without it such a photo is refused): 'largest', or N, "
+    "counting faces from 1 by the centre of their box, left to right. Each face must also be large, sharp "
+    "and frontal enough (settings enrolment.min_face_px, min_sharpness, max_yaw_deg)"
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -780,15 +802,19 @@ def build_parser() -> argparse.ArgumentParser:
     g = command(gsub, "add", "enroll a person from photos",
                 'streamer gallery add "Ada Lovelace" ada1.jpg ada2.jpg --gallery people.db', parents=(face_opts,))
     g.add_argument("name", help="the person's name, as events and find report it")
-    g.add_argument("images", nargs="+", metavar="IMAGE", help="photos of that person (the largest face in each)")
+    g.add_argument("images", nargs="+", metavar="IMAGE",
+                   help="photos of that person, one good face in each (see --face for group photos)")
+    g.add_argument("--face", type=_face_choice, metavar="largest|N", help=_FACE_HELP)
     g = command(gsub, "import", "enroll a folder holding one sub-folder per person",
                 "streamer gallery import photos/ --gallery people.db    # photos/Ada Lovelace/1.jpg, ...",
                 parents=(face_opts,),
                 description="Enroll a folder holding one sub-folder per person. Every photo that works is "
                 "enrolled; photos already enrolled (same content) add nothing; stray non-image files and empty "
-                "folders are skipped with a warning; each photo that fails (unreadable, no face) is reported. "
+                "folders are skipped with a warning; each photo that fails (unreadable, no face, several faces, a face "
+                "too small, blurred or turned away) is reported. "
                 "Exit status 2 when any photo failed, 0 otherwise.")
     g.add_argument("folder", help="folder of sub-folders, each named after the person whose photos it holds")
+    g.add_argument("--face", type=_face_choice, metavar="largest|N", help=_FACE_HELP)
     g = command(gsub, "reject", "record photos of someone who is NOT this person (a look-alike)",
                 'streamer gallery reject "Ada Lovelace" not-ada.jpg --gallery people.db', parents=(face_opts,),
                 description="Record faces that are NOT this person (negative examples). A face nearer to "

@@ -170,6 +170,21 @@ class RecognitionSettings(_Section):
     vote_share: float = Field(0.6, gt=0.5, le=1, description="share of votes a name needs")
 
 
+class EnrolmentSettings(_Section):
+    """What `gallery add`, `gallery import` and FaceEngine.enroll refuse: a poor face in the gallery makes
+    every later match of that person worse, so it is refused with the reason rather than enrolled."""
+
+    # Defaults accept every single-face photo of the shared test media (smallest face 54 px, least sharp 166,
+    # most turned 27 degrees) and refuse a 3x-downscaled portrait's face or a Gaussian blur of sigma 6+.
+    min_face_px: int = Field(40, ge=0, le=8192, description="refuse faces whose shorter box side is below this")
+    min_sharpness: float = Field(
+        100.0, ge=0, description="refuse faces whose Laplacian variance (64x64 grey crop) is below this"
+    )
+    max_yaw_deg: float = Field(
+        35.0, ge=0, le=90, description="refuse faces turned further than this from frontal (45 = nose over an eye)"
+    )
+
+
 class InferenceSettings(_Section):
     max_batch: int = Field(32, ge=1, le=1024)
     max_wait_ms: float = Field(10.0, ge=0, le=10_000)
@@ -530,6 +545,7 @@ class Settings(BaseSettings):
     reconnect: ReconnectSettings = ReconnectSettings()
     tracker: TrackerSettings = TrackerSettings()
     recognition: RecognitionSettings = RecognitionSettings()
+    enrolment: EnrolmentSettings = EnrolmentSettings()
     inference: InferenceSettings = InferenceSettings()
     publish: PublishSettings = PublishSettings()
     output: OutputSettings = OutputSettings()

@@ -23,6 +23,9 @@ from streamer.types import Attributes, Faces, rounded_box
 log = logging.getLogger(__name__)
 
 ImageInput = str | Path | np.ndarray
+# Which face of a photo to enrol: None = the only one (a photo with several is refused), "largest", or N
+# (1-based, counted by box centre left to right; see streamer.infer.quality.left_to_right).
+FaceChoice = str | int | None
 
 
 def load_image(image: ImageInput, max_pixels: int | None = None) -> np.ndarray:
@@ -276,21 +279,58 @@ class FaceEngine:
             for i, m in enumerate(matches)
         ]
 
-    def enrollment_embeddings(self, images: Sequence[ImageInput]) -> tuple[np.ndarray, list[str]]:
-        """One embedding per image (its primary face). Any bad image fails the whole call, so a
-        caller writes nothing unless every image worked."""
+    def enrolment_face(self, image: ImageInput, face: FaceChoice = None) -> tuple[Faces, np.ndarray]:
+        """The face of `image` to enrol and its embedding, or InputError (NoFaceError) saying why not: a
+        photo with several faces unless `face` picks one, a face too small, blurred or turned away
+        (settings enrolment.*). A poor enrolled face would degrade every later match of that person."""
+        from streamer.infer.quality import face_quality, left_to_right
+
+        bgr = load_image(image, self.settings.limits.max_image_pixels)
+        faces = self.detector.detect(bgr)
+        name = _name_of(image)
+        if len(faces) == 0:
+            raise NoFaceError(f"{name}: no face found")
+        if face is None:
+            if len(faces) > 1:
+                raise InputError(
+                    f"{name}: {len(faces)} faces found; pick one with --face largest or --face N "
+                    f"(1-{len(faces)}, left to right)"
+                )
+            chosen = faces[0]
+        elif face == "largest":
+            chosen = faces[int(np.argmax(faces.areas))]
+        elif isinstance(face, int) and not isinstance(face, bool) and face >= 1:
+            if face > len(faces):
+                raise InputError(f"{name}: --face {face} asked for, but only {len(faces)} face(s) found")
+            chosen = faces[int(left_to_right(faces)[face - 1])]
+        else:
+            raise InputError(f"face must be 'largest' or a face number from 1 (left to right), got {face!r}")
+        quality = face_quality(bgr, chosen.boxes[0], chosen.landmarks[0], self.settings.enrolment)
+        if quality.reasons:
+            raise InputError(f"{name}: refused: {'; '.join(quality.reasons)}; use a clearer, frontal photo")
+        return chosen, self.embed_faces(bgr, chosen)[0]
+
+    def enrollment_embeddings(
+        self, images: Sequence[ImageInput], face: FaceChoice = None, *, checked: bool = False
+    ) -> tuple[np.ndarray, list[str]]:
+        """One embedding per image: with `checked`, the face `enrolment_face` accepts; otherwise the
+        primary face (negative examples: any view of a look-alike helps). Any bad image fails the
+        whole call, so a caller writes nothing unless every image worked."""
         if not images:
             raise InputError("no images given")
         vectors, sources = [], []
         for image in images:
-            _, vector = self.embed_primary(image)
+            _, vector = self.enrolment_face(image, face) if checked else self.embed_primary(image)
             vectors.append(vector)
             sources.append(Path(image).name if not isinstance(image, np.ndarray) else "<array>")
         return np.stack(vectors).astype(np.float32), sources
 
-    def enroll(self, gallery, name: str, images: Sequence[ImageInput]) -> int:
-        """Enrol `images` for `name`; returns the faces added (photos already enrolled for them add none)."""
-        vectors, sources = self.enrollment_embeddings(images)
+    def enroll(self, gallery, name: str, images: Sequence[ImageInput], face: FaceChoice = None) -> int:
+        """Enrol `images` for `name`; returns the faces added (photos already enrolled for them add none).
+
+        Each photo must show one good face (see `enrolment_face`); `face` ("largest" or N, 1-based left
+        to right) picks one in photos with several. One refused photo fails the call, enrolling nothing."""
+        vectors, sources = self.enrollment_embeddings(images, face, checked=True)
         hashes = [content_hash(image) for image in images]
         done = gallery.enrol([(name, vectors, sources, hashes)], self.embedder.spec.id)
         return done[0].added
@@ -301,12 +341,13 @@ class FaceEngine:
         hashes = [content_hash(image) for image in images]
         return gallery.reject(name, vectors, self.embedder.spec.id, sources, hashes).added
 
-    def folder_entries(self, folder: str | Path) -> FolderImport:
+    def folder_entries(self, folder: str | Path, face: FaceChoice = None) -> FolderImport:
         """Embeddings for a folder holding one sub-folder per person (the sub-folder names the person).
 
         Every photo that works is kept; stray non-image files and empty folders are skipped, and photos
-        that cannot be enrolled are failed, each with its reason (see FolderImport). Nothing is written
-        here; the caller enrols the entries in one transaction."""
+        that cannot be enrolled (unreadable, no face, several faces unless `face` picks one, refused by
+        quality: see `enrolment_face`) are failed, each with its reason (see FolderImport). Nothing is
+        written here; the caller enrols the entries in one transaction."""
         folder = Path(folder)
         if not folder.is_dir():
             raise InputError(f"{folder}: not a directory")
@@ -329,7 +370,7 @@ class FaceEngine:
                         result.skipped.append((str(file), "not an image"))
                     continue
                 try:
-                    _, vector = self.embed_primary(file)
+                    _, vector = self.enrolment_face(file, face)
                     digest = content_hash(file)
                 except (InputError, NoFaceError) as exc:
                     result.failed.append((str(file), str(exc).removeprefix(f"{file}: ")))
@@ -343,8 +384,8 @@ class FaceEngine:
                 result.skipped.append((str(person), f"empty folder (no photos of {person.name})"))
         return result
 
-    def import_folder(self, gallery, folder: str | Path) -> FolderImport:
+    def import_folder(self, gallery, folder: str | Path, face: FaceChoice = None) -> FolderImport:
         """`folder_entries`, then enrol what worked in one transaction (photos already enrolled add nothing)."""
-        found = self.folder_entries(folder)
+        found = self.folder_entries(folder, face)
         gallery.enrol(found.entries, self.embedder.spec.id)
         return found
