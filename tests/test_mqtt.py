@@ -18,7 +18,7 @@ import pytest
 from streamer.config import MqttSettings, load_settings
 from streamer.errors import ConfigError
 from streamer.match.gallery import Gallery
-from streamer.publish.events import Heartbeat, Identity, StreamStatus, TrackEnded, TrackStarted
+from streamer.publish.events import Heartbeat, Identity, TrackEnded, TrackStarted
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from mosquitto import Collector, Mosquitto, available  # noqa: E402

@@ -228,7 +228,6 @@ class DetectWorker:
             inference=client.health,
             inference_detail=client.health_detail,
             inference_ever_up=client.ever_up,
-            inference_up=None if client.health == "starting" else client.health == "up",
             first_frame_at=self.first_frame_at,
             last_frame_at=self.last_frame_at,
             pid=os.getpid(),

@@ -52,7 +52,6 @@ class WorkerStats(_Message):
     inference: Literal["starting", "up", "down"] = "starting"  # the inference client's view of its worker
     inference_detail: str = Field("", max_length=2000)
     inference_ever_up: bool = False  # it answered at least once: recognition worked
-    inference_up: bool | None = None  # `inference` as a gauge: None while starting
     pid: int | None = None  # the sender's, so totals that restart at 0 in a new process are kept
     histograms: dict[str, HistogramSnapshot] = Field({}, max_length=16)
 

@@ -193,8 +193,8 @@ class PipelineMetrics:
                 if total is None:
                     total = self._histograms[(worker, name)] = _HistogramTotal(snapshot.bounds)
                 total.update(pid, snapshot)
-            if getattr(stats, "inference_up", None) is not None:
-                self.inference_up = stats.inference_up
+            if stats.inference != "starting":  # a gauge from the first answer (or failure) on
+                self.inference_up = stats.inference == "up"
 
     def set_processes(self, pids: dict[str, int | None]) -> None:
         with self._lock:

@@ -254,10 +254,11 @@ class Supervisor:
         self._last_heartbeat = time.monotonic()
         self._bars: dict[str, Any] = {}
         # What subscribers were last told about inference ("up" until told otherwise), and whether it ever worked.
-        self._inference_said = "up"
-        self._inference_detail = ""
         self._inference_ever_up = False
-        self._inference_state: tuple[str, str] | None = None  # (state, detail) from the last pipeline.status
+        # (state, detail) of the last pipeline.status about inference. Every change the worker sees comes as
+        # one, in order on the events channel; stats travel on the control channel and may lag it, so the
+        # heartbeat takes the state from here once there is one.
+        self._inference: tuple[str, str] | None = None
 
     # -- public ----------------------------------------------------------------------------------------
     def request_stop(self, *_: object) -> None:
@@ -387,16 +388,13 @@ class Supervisor:
     def _inference_changed(self, event: Any) -> bool:
         """True for news (publish it and say it); False for what subscribers know already, e.g. a restarted
         detect worker finding inference down again, or the first answer of a worker nobody missed."""
-        # Every change the worker sees comes as one of these, in order on the events channel; stats travel
-        # on the control channel and may lag it, so heartbeats take the state from here once there is one.
-        self._inference_state = (event.inference, event.detail)
+        said = self._inference[0] if self._inference else "up"  # subscribers assume up until told otherwise
+        self._inference = (event.inference, event.detail)
         if event.inference == "up":
             self._inference_ever_up = True
-        if event.inference == self._inference_said:
+        if event.inference == said:
             return False
-        self._inference_said = event.inference
         if event.inference == "down":
-            self._inference_detail = event.detail
             self._say(f"inference is down: {event.detail}; faces are not recognised until it is back "
                       f"({self._inference_remedy()})")
         else:
@@ -415,9 +413,9 @@ class Supervisor:
         was never needed, or was still starting when the run was stopped)."""
         needed = self.summary.faces_sent + self.summary.faces_dropped
         state = self.summary.last_stats.get("inference")
-        if self._inference_ever_up or not needed or "down" not in (state, self._inference_said):
+        if self._inference_ever_up or not needed or "down" not in (state, self._inference and self._inference[0]):
             return None
-        detail = self.summary.last_stats.get("inference_detail") or self._inference_detail
+        detail = self.summary.last_stats.get("inference_detail") or (self._inference[1] if self._inference else "")
         return (f"{detail}; {needed} face{'s' if needed != 1 else ''} went unrecognised "
                 f"({self._inference_remedy()})")
 
@@ -484,8 +482,8 @@ class Supervisor:
             streams={stream: {key: info[key] for key in health} for stream, info in stats.get("streams", {}).items()},
             queues=queues,
             uptime=round(time.monotonic() - self.summary.started, 3),
-            inference=self._inference_state[0] if self._inference_state else stats.get("inference", "starting"),
-            inference_detail=self._inference_state[1] if self._inference_state else stats.get("inference_detail", ""),
+            inference=self._inference[0] if self._inference else stats.get("inference", "starting"),
+            inference_detail=self._inference[1] if self._inference else stats.get("inference_detail", ""),
         ))
 
     def _update_progress(self, stats: dict[str, Any]) -> None:
