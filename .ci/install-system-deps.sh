@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # System packages the tests need beyond the Python venv: GStreamer's RTSP server (tests/rtsp_server.py runs
-# it under the system /usr/bin/python3, whose gi bindings come from python3-gi) and the Mosquitto MQTT broker.
+# it under the system /usr/bin/python3, whose gi bindings come from python3-gi), the Mosquitto MQTT broker
+# and Chromium for the web console's browser tests.
 # Debian/Ubuntu, as root.
 # Idempotent and quiet: does nothing when everything is already installed.
 set -euo pipefail
@@ -15,6 +16,7 @@ packages=(
   gstreamer1.0-plugins-bad  # openh264enc, h264parse
   gstreamer1.0-tools
   mosquitto  # the MQTT broker tests/mosquitto.py starts (tests/test_mqtt.py)
+  chromium  # the headless browser Playwright drives for the console tests (tests/test_console_browser.py)
 )
 
 missing=()

@@ -519,6 +519,47 @@ class MetricsSettings(_Section):
         return host.strip("[]"), int(port)
 
 
+class ServeSettings(_Section):
+    """`streamer serve`: the web console and REST API (streamer.serve)."""
+
+    # Declared first: the bind check reads it.
+    auth: bool = Field(True, description="require a token for every page and API call")
+    bind: str = Field("127.0.0.1:8080", description="HOST:PORT the console and API listen on")
+    # Where token hashes live; None = beside the gallery (<gallery>.tokens.json), else the config file's folder.
+    token_store: Path | None = None
+    max_upload_mb: float = Field(20, gt=0, le=1024, description="largest accepted upload (one file), in MB")
+    unknown_ttl_s: float = Field(600, ge=1, le=86_400, description="how long a recent unknown's thumbnail is kept")
+    max_unknowns: int = Field(200, ge=1, le=10_000, description="recent unknowns kept in memory at most")
+    events_ring: int = Field(5_000, ge=10, le=1_000_000, description="recent events kept for GET /api/v1/events")
+    live_fps: float = Field(5, gt=0, le=30, description="most frames a second a live tile is sent")
+    live_max_width: int = Field(960, ge=160, le=3840, description="live tiles are downscaled to this width")
+    login_attempts_per_minute: int = Field(10, ge=1, le=10_000, description="failed logins allowed per client a minute")
+
+    @field_validator("token_store")
+    @classmethod
+    def _expand_store(cls, value: Path | None) -> Path | None:
+        return None if value is None else value.expanduser()
+
+    @field_validator("bind")
+    @classmethod
+    def _bind(cls, value: str, info: Any) -> str:
+        host, sep, port = value.rpartition(":")
+        host = host.strip("[]")
+        if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+            raise ValueError("expected HOST:PORT, e.g. 127.0.0.1:8080")
+        if info.data.get("auth") is False and not _is_loopback_host(host):
+            raise ValueError(
+                f"{value} listens beyond loopback, so serve.auth cannot be false: anyone on the network would "
+                "see faces and names; keep serve.auth on (the default) or bind 127.0.0.1"
+            )
+        return value
+
+    @property
+    def host_port(self) -> tuple[str, int]:
+        host, _, port = self.bind.rpartition(":")
+        return host.strip("[]"), int(port)
+
+
 class OutputSettings(_Section):
     path: Path | None = None  # annotated video (.mp4); with several streams, one file per stream
     blur_unknown: bool = False
@@ -551,6 +592,7 @@ class Settings(BaseSettings):
     output: OutputSettings = OutputSettings()
     limits: LimitsSettings = LimitsSettings()
     metrics: MetricsSettings = MetricsSettings()
+    serve: ServeSettings = ServeSettings()
 
     @classmethod
     def settings_customise_sources(
