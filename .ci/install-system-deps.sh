@@ -16,6 +16,7 @@ packages=(
   gstreamer1.0-plugins-bad  # openh264enc, h264parse
   gstreamer1.0-tools
   mosquitto  # the MQTT broker tests/mosquitto.py starts (tests/test_mqtt.py)
+  postgresql  # initdb/pg_ctl for the shared-gallery tests (tests/postgres.py starts a throwaway cluster)
   chromium  # the headless browser Playwright drives for the console tests (tests/test_console_browser.py)
 )
 
