@@ -51,7 +51,11 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
     put("embedder.name", getattr(args, "embedder", None))
     put("embedder.threshold", getattr(args, "threshold", None))
     put("runtime.device", getattr(args, "device", None))
-    put("gallery.path", getattr(args, "gallery", None))
+    gallery = getattr(args, "gallery", None)
+    if gallery is not None:  # a file or a postgresql:// URL; the flag replaces either from YAML or env
+        from streamer.match.open import is_url
+
+        o["gallery"] = {"url": gallery, "path": None} if is_url(gallery) else {"path": gallery, "url": None}
     arcface_model = getattr(args, "arcface_model", None)
     if arcface_model is not None:
         put("models.paths.arcface", arcface_model)
@@ -239,7 +243,9 @@ def cmd_analyze(args: argparse.Namespace) -> int:
 
 def cmd_find(args: argparse.Namespace) -> int:
     with _engine(args) as engine:
-        found = engine.find(args.image, Path(args.gallery))
+        from streamer.match.open import is_url
+
+        found = engine.find(args.image, args.gallery if is_url(args.gallery) else Path(args.gallery))
     rows = [
         {"box": list(f.box), "detection_score": f.detection_score, "name": f.name, "score": f.score,
          "distance": f.distance}
@@ -273,14 +279,19 @@ def cmd_gallery(args: argparse.Namespace) -> int:
     """`import` enrols every photo that works and reports each one left out: exit 2 when any photo failed
     (unreadable, no face, several faces without --face, refused for quality), 0 when only stray non-image
     files or empty folders were skipped."""
+    if args.gallery_command == "promote":
+        return _cmd_gallery_promote(args)
     from streamer.engine import content_hash
-    from streamer.match.gallery import Gallery
+    from streamer.match.open import is_url, open_gallery
 
-    path = Path(args.gallery)
+    url = is_url(args.gallery)  # a shared PostgreSQL gallery: opened (and for add/import made) up front
+    path = args.gallery if url else Path(args.gallery)
     if args.gallery_command in ("add", "import", "reject"):
-        _check_gallery_target(path)
-        if path.exists():
-            Gallery(path, create=False).close()  # a JPEG passed as --gallery fails here, before any work
+        if not url:
+            _check_gallery_target(path)
+        if url or path.exists():
+            # A JPEG passed as --gallery, or a bad URL or password, fails here, before any work.
+            open_gallery(path, create=url and args.gallery_command != "reject").close()
         elif args.gallery_command == "reject":
             raise GalleryError(f"gallery {path} does not exist: enrol {args.name} first (streamer gallery add)")
         skipped: list[tuple[str, str]] = []
@@ -289,7 +300,7 @@ def cmd_gallery(args: argparse.Namespace) -> int:
             if args.gallery_command == "reject":
                 vectors, sources = engine.enrollment_embeddings(args.images)
                 hashes = [content_hash(image) for image in args.images]
-                with Gallery(path, create=False) as gallery:
+                with open_gallery(path, create=False) as gallery:
                     done = gallery.reject(args.name, vectors, engine.embedder.spec.id, sources, hashes)
                 _report_duplicates(done.duplicates, f"already rejected for {done.person.name}")
                 print(f"recorded {done.added} face(s) as not {done.person.name}", file=sys.stderr)
@@ -300,7 +311,7 @@ def cmd_gallery(args: argparse.Namespace) -> int:
             else:
                 found = engine.folder_entries(args.folder, args.face)
                 entries, skipped, failed = found.entries, found.skipped, found.failed
-            gallery = Gallery(path, create=True)
+            gallery = open_gallery(path, create=True)
             try:
                 done_all = gallery.enrol(entries, engine.embedder.spec.id)
             finally:
@@ -321,7 +332,7 @@ def cmd_gallery(args: argparse.Namespace) -> int:
             return 2 if failed else 0
         return 0
 
-    gallery = Gallery(path, create=False, readonly=args.gallery_command == "list")
+    gallery = open_gallery(path, create=False, readonly=args.gallery_command == "list")
     try:
         if args.gallery_command == "list":
             people = gallery.people()
@@ -341,6 +352,79 @@ def cmd_gallery(args: argparse.Namespace) -> int:
             print(f"renamed {args.old} -> {args.new}", file=sys.stderr)
     finally:
         gallery.close()
+    return 0
+
+
+def _cmd_gallery_promote(args: argparse.Namespace) -> int:
+    """Enrol a stranger's best faces (u-17) under NAME: asked of the running pipeline that matches against
+    this gallery (its admin channel), else read from recognition.strangers_file when that is set."""
+    import hashlib
+
+    import numpy as np
+
+    from streamer.match.open import open_gallery
+    from streamer.match.strangers import StrangerStore, stranger_number
+    from streamer.pipeline import admin
+
+    try:
+        stranger_number(args.stranger)
+    except ValueError as exc:
+        raise InputError(f"gallery promote: {exc}") from None
+    settings = _settings(args)
+    where = args.gallery or settings.gallery.path
+    if where is None or "://" in str(where):
+        raise InputError("gallery promote: which gallery? pass --gallery FILE (the file the pipeline runs with)")
+    path = Path(where)
+    _check_gallery_target(path)
+    embedder, faces, asked, source = None, [], [], None
+    for pipeline in admin.find_pipelines(path):
+        try:
+            reply = admin.ask(pipeline.endpoint, admin.StrangerFacesRequest(stranger=args.stranger))
+        except (admin.AdminUnavailable, ValueError) as exc:
+            log.warning("pipeline %d: %s", pipeline.pid, exc)
+            continue
+        asked.append(pipeline)
+        if reply.faces:
+            embedder, faces = reply.embedder, [(np.asarray(f.embedding, np.float32), f.stream) for f in reply.faces]
+            source = pipeline
+            break
+    store_file = settings.recognition.strangers_file
+    if not faces and store_file is not None and Path(store_file).is_file():
+        store = StrangerStore(store_file, readonly=True)
+        try:
+            embedder, stored, _ = store.read(args.stranger)
+        finally:
+            store.close()
+        faces = [(f.embedding, f.stream) for f in stored]
+    if not faces:
+        if asked or store_file is not None:
+            raise InputError(f"gallery promote: no stranger {args.stranger} in "
+                             + ("the running pipeline" if asked else f"recognition.strangers_file {store_file}")
+                             + " (strangers are forgotten after recognition.unknown_ttl_s; identity events carry "
+                             "the current ids)")
+        raise InputError(f"gallery promote: no running pipeline with this gallery ({path}) and no "
+                         "recognition.strangers_file: strangers live in a running `streamer run --gallery "
+                         f"{path}` only")
+    vectors = np.stack([v for v, _ in faces])
+    # The vector's bytes are its content: promoting the same stranger twice adds nothing the second time.
+    hashes = [hashlib.sha256(v.astype(np.float32).tobytes()).hexdigest() for v, _ in faces]
+    sources = [f"stranger {args.stranger} ({stream})" for _, stream in faces]
+    with open_gallery(path, create=True) as gallery:
+        done, = gallery.enrol([(args.name, vectors, sources, hashes)], embedder)
+    _report_duplicates(done.duplicates, f"already enrolled for {done.person.name}")
+    print(f"enrolled {done.person.name}: {done.added} face(s) of stranger {args.stranger}", file=sys.stderr)
+    # The stranger is a person now: its id is done (a running pipeline names the next sighting after its reload).
+    if source is not None:
+        try:
+            admin.ask(source.endpoint, admin.ForgetStrangerRequest(stranger=args.stranger))
+        except (admin.AdminUnavailable, ValueError) as exc:
+            log.warning("the pipeline did not drop %s: %s", args.stranger, exc)
+    elif store_file is not None:
+        store = StrangerStore(store_file)
+        try:
+            store.delete(stranger_number(args.stranger))
+        finally:
+            store.close()
     return 0
 
 
@@ -428,13 +512,14 @@ def cmd_run(args: argparse.Namespace) -> int:
 def _check_gallery_embedder(settings: Any) -> None:
     """A missing gallery, or one enrolled with another embedder, fails now in one line, not after the models
     load (and never as "unknown" for everyone)."""
-    if settings.gallery.path is None:
+    from streamer.match.open import location, open_gallery
+
+    if location(settings.gallery) is None:
         return
-    from streamer.match.gallery import Gallery
     from streamer.match.matcher import check_embedder
     from streamer.models.factory import ModelFactory
 
-    with Gallery(Path(settings.gallery.path), create=False, readonly=True) as gallery:
+    with open_gallery(settings.gallery, create=False, readonly=True) as gallery:
         check_embedder(gallery, ModelFactory(settings).embedder_spec.id)
 
 
@@ -476,9 +561,22 @@ def cmd_inference_worker(args: argparse.Namespace) -> int:
 
 
 def cmd_subscribe(args: argparse.Namespace) -> int:
+    from streamer.publish.nats_subscriber import is_nats_url, print_nats_events
     from streamer.publish.subscriber import print_events
     from streamer.sockets import ClientKeys, is_loopback
 
+    nats_only = [flag for flag, value in (("--since", args.since), ("--durable", args.durable), ("--kind", args.kind),
+                                          ("--js-stream", args.js_stream)) if value]
+    if is_nats_url(args.endpoint):
+        if args.server_key is not None or args.client_key is not None:
+            raise InputError("subscribe: --server-key/--client-key are for ZeroMQ endpoints; NATS takes "
+                             "nats://USER:PASSWORD@HOST:PORT or tls://...")
+        print_nats_events(args.endpoint, args.topic or [""], kinds=args.kind or [], since_s=args.since,
+                          durable=args.durable, stream=args.js_stream or "STREAMER", count=args.count,
+                          timeout=args.timeout)
+        return 0
+    if nats_only:
+        raise InputError(f"subscribe: {nats_only[0]} is for a NATS JetStream endpoint (nats://HOST:PORT)")
     if (args.server_key is None) != (args.client_key is None):
         given, missing = ("--server-key", "--client-key")
         if args.server_key is None:
@@ -517,6 +615,52 @@ def cmd_keys(args: argparse.Namespace) -> int:
         print(f"{path}\t{where}")
     print(f"point the server at the folder: publish.keys: {directory} (streamer run) "
           f"or --keys {directory} (streamer inference-worker)")
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    """`streamer serve`: the pipeline and the web console/REST API in one process (streamer.serve)."""
+    from streamer.serve.server import run_serve
+
+    extra: dict[str, Any] = {}
+    if args.sources:
+        extra["sources"] = [{"url": url} for url in args.sources]
+    if args.blur_unknown:
+        extra["output"] = {"blur_unknown": True}
+    if args.bind:
+        extra["serve"] = {"bind": args.bind}
+    settings = _settings(args, extra)
+    _check_files_exist(settings.sources)
+    # The console can create the gallery (enrol from an upload); only one that exists is checked now.
+    if settings.gallery.path is not None and Path(settings.gallery.path).exists():
+        _check_gallery_embedder(settings)
+    elif settings.gallery.path is not None:
+        _check_gallery_target(Path(settings.gallery.path))
+    return run_serve(settings, args.config)
+
+
+def cmd_tokens(args: argparse.Namespace) -> int:
+    """`streamer tokens create|list|revoke`: the API tokens of `streamer serve` (the same store it uses)."""
+    from streamer.serve.auth import TokenStore, store_path
+
+    store = TokenStore(store_path(_settings(args), getattr(args, "config", None)))
+    if args.tokens_command == "create":
+        record, token = store.create(args.name)
+        print(f"created token {record.id} ({record.name}) in {store.path}; it is shown only now:", file=sys.stderr)
+        print(token)
+    elif args.tokens_command == "list":
+        rows = [r.public() for r in store.records()]
+        if args.json:
+            _emit(rows)
+        else:
+            for row in rows:
+                print(f"{row['id']}\t{row['name']}\t{row['created']}")
+            if not rows:
+                print(f"no tokens in {store.path}", file=sys.stderr)
+    else:
+        for record in store.revoke(args.token):
+            print(f"revoked token {record.id} ({record.name}); its sessions end at their next request",
+                  file=sys.stderr)
     return 0
 
 
@@ -613,6 +757,15 @@ def _seconds(text: str) -> float:
     return value
 
 
+def _since(text: str) -> float:
+    from streamer.publish.nats_subscriber import parse_duration
+
+    try:
+        return parse_duration(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def _example(*lines: str) -> str:
     return "example:\n" + "\n".join(f"  {line}" for line in lines)
 
@@ -628,7 +781,13 @@ def build_parser() -> argparse.ArgumentParser:
     from typing import get_args
 
     from streamer import __version__
-    from streamer.config import DetectorSettings, EmbedderSettings, InferenceSettings, PublishSettings
+    from streamer.config import (
+        DetectorSettings,
+        EmbedderSettings,
+        InferenceSettings,
+        PublishSettings,
+        ServeSettings,
+    )
 
     detectors = ", ".join(get_args(DetectorSettings.model_fields["name"].annotation))
     verbose = _Parser(add_help=False)
@@ -706,7 +865,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("sources", nargs="*", metavar="SOURCE",
                    help="file, rtsp://, http(s)://, webcam:N, lavfi:GRAPH (default: sources: in --config)")
     p.add_argument("--gallery", metavar="FILE",
-                   help="gallery of enrolled people (setting gallery.path); without one every face is unknown")
+                   help="gallery of enrolled people: a file or a postgresql:// URL (setting gallery.path or gallery.url); without one every face is unknown")
     p.add_argument("--publish", metavar="ENDPOINT",
                    help=f"ZeroMQ PUB endpoint for events (default: {PublishSettings().endpoint}; "
                    "setting publish.endpoint)")
@@ -734,7 +893,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command(sub, "subscribe", "print events published by `streamer run`",
                 "streamer subscribe tcp://127.0.0.1:5556 --topic identity. --count 10")
-    p.add_argument("endpoint", nargs="?", default=PublishSettings().endpoint, help="the publisher's endpoint")
+    p.add_argument("endpoint", nargs="?", default=PublishSettings().endpoint,
+                   help="the publisher's endpoint, or nats://[USER:PASSWORD@]HOST:PORT for its JetStream stream")
     p.add_argument("--topic", action="append", metavar="PREFIX",
                    help="topic prefix, e.g. identity. or identity.cam1; repeatable (default: every event)")
     p.add_argument("--count", type=_whole_number("leave --count out to print events until stopped"), metavar="N",
@@ -743,6 +903,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="stop after this many seconds without an event (default: wait forever)")
     p.add_argument("--server-key", metavar="FILE", help="the publisher's public key (server.key): CURVE")
     p.add_argument("--client-key", metavar="FILE", help="this client's secret key (clients/NAME.key_secret)")
+    p.add_argument("--since", type=_since, metavar="DURATION",
+                   help="nats:// only: replay the stream from this long ago (90s, 10m, 2h, 1d), then go on live")
+    p.add_argument("--durable", metavar="NAME",
+                   help="nats:// only: a consumer kept on the server; the next run with this name resumes after "
+                   "the last event printed (a new one starts at --since, else at the stream's first event)")
+    p.add_argument("--kind", action="append", metavar="KIND",
+                   help="nats:// only: events of this kind, e.g. identity; repeatable (default: every kind)")
+    p.add_argument("--js-stream", metavar="NAME", help="nats:// only: the JetStream stream (default STREAMER; "
+                   "setting publish.nats.stream of the publisher)")
     p.set_defaults(func=cmd_subscribe)
 
     p = command(sub, "keys", "CURVE keys for the event socket and remote inference workers",
@@ -754,6 +923,42 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--client", action="append", metavar="NAME",
                    help="a client key pair; repeatable (default: one named client)")
     p.set_defaults(func=cmd_keys)
+
+    p = command(sub, "serve", "the pipeline plus a web console and REST API (token required)",
+                ("streamer serve rtsp://10.0.0.5/stream1 --gallery people.db",
+                 "streamer serve --gallery people.db --bind 127.0.0.1:8080    # add sources from the console"),
+                parents=(face_opts,),
+                description="Run the pipeline and serve the web console and REST API v1 (OpenAPI at /docs).\n"
+                "The first start creates an admin token and prints it once; keep it (`streamer tokens` makes more).\n"
+                "Exit status: 0 when you stopped it (Ctrl-C, SIGTERM), 2 for a bad setting, model, source or port.")
+    p.add_argument("sources", nargs="*", metavar="SOURCE",
+                   help="file, rtsp://, http(s)://, webcam:N, lavfi:GRAPH (default: sources: in --config; none: "
+                   "add them from the console)")
+    p.add_argument("--gallery", metavar="FILE",
+                   help="gallery of enrolled people (setting gallery.path); created by the first enrolment")
+    p.add_argument("--bind", metavar="HOST:PORT",
+                   help=f"where the console listens (default: {ServeSettings().bind}; setting serve.bind)")
+    p.add_argument("--blur-unknown", action="store_true",
+                   help="blur faces not in the gallery in the live view (setting output.blur_unknown)")
+    p.set_defaults(func=cmd_serve)
+
+    p = command(sub, "tokens", "API tokens of `streamer serve`", "streamer tokens create kiosk --gallery people.db",
+                parents=())
+    tsub = p.add_subparsers(dest="tokens_command", required=True, metavar="ACTION")
+    t = command(tsub, "create", "a new token, printed once on the last line",
+                "streamer tokens create dashboard --gallery people.db | tail -n1")
+    t.add_argument("name", nargs="?", default="token", help="what the token is for (shown by list and /api/v1/me)")
+    t = command(tsub, "list", "tokens (ids, names, creation times; never the tokens)",
+                "streamer tokens list --gallery people.db")
+    t.add_argument("--json", action="store_true", help="one JSON list on stdout")
+    t = command(tsub, "revoke", "delete a token by id or name", "streamer tokens revoke 3f2a9c1d --gallery people.db")
+    t.add_argument("token", metavar="ID|NAME", help="the token's id (from list) or name (every token of that name)")
+    for t in tsub.choices.values():
+        t.add_argument("--config", metavar="FILE", help="YAML settings file: serve.token_store, gallery.path")
+        t.add_argument("--gallery", metavar="FILE",
+                       help="the gallery `streamer serve` uses: the store is beside it (FILE.tokens.json) unless "
+                       "serve.token_store is set")
+    p.set_defaults(func=cmd_tokens)
 
     p = command(sub, "events", "event format", "streamer events schema > streamer-events.schema.json")
     p.add_argument("events_command", choices=["schema"], metavar="schema",
@@ -832,7 +1037,16 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("old", help="the enrolled name")
     g.add_argument("new", help="the new name")
     for g in gsub.choices.values():
-        g.add_argument("--gallery", required=True, metavar="FILE", help="gallery file (SQLite)")
+        g.add_argument("--gallery", required=True, metavar="FILE", help="gallery file (SQLite) or postgresql:// URL (shared)")
+    # After the loop: its --gallery may come from the settings (gallery.path) too.
+    g = command(gsub, "promote", "enrol a stranger (an id like u-17 from identity events) under a name",
+                "streamer gallery promote u-17 \"Ada Lovelace\" --gallery people.db", parents=(settings_opts,),
+                description="Enrol the best faces of a stranger under a name. The stranger's faces live in the "
+                "running `streamer run` that matches against this gallery (it sees the new person at its next "
+                "gallery reload), or, with recognition.strangers_file set, in that file.")
+    g.add_argument("stranger", metavar="ID", help="the stranger id, as identity events carry it (u-17)")
+    g.add_argument("name", help="the name to enrol them under")
+    g.add_argument("--gallery", metavar="FILE", help="gallery file the pipeline runs with (default: gallery.path)")
     p.set_defaults(func=cmd_gallery)
 
     p = command(sub, "models", "model files: where they resolve, licences, fetching", "streamer models list",

@@ -21,6 +21,7 @@ from pydantic import (
     Field,
     SecretStr,
     ValidationError,
+    field_serializer,
     field_validator,
     model_validator,
 )
@@ -75,12 +76,19 @@ class DetectorSettings(_Section):
 class EmbedderSettings(_Section):
     name: str = "dlib_resnet"  # a registry model name, or "arcface" with models.paths.arcface set
     threshold: float | None = Field(None, gt=0.0, description="override the embedder's calibrated distance")
+    # Off: measured no gain for dlib's ResNet and more wrong accepts at its threshold (see
+    # EmbedderSpec.flip_average). Same embedder id either way, so galleries stay usable.
+    flip_average: bool = Field(False, description="embed each face and its mirror image, average the two")
 
 
 class AttributeSettings(_Section):
     # NoDecode: pydantic-settings would json.loads the env var and fail on the natural
     # STREAMER_ATTRIBUTES__ENABLED=age,gender with a traceback; the validator takes both forms.
     enabled: Annotated[list[Literal["age", "gender", "emotion"]], NoDecode] = ["age", "gender", "emotion"]
+    # Below these the answer is null rather than a guess (for a track: on the smoothed probability).
+    # Same values as streamer.infer.attributes.DEFAULT_MIN_*_CONFIDENCE (a test keeps them equal).
+    min_gender_confidence: float = Field(0.7, ge=0.0, le=1.0, description="gender: null below this probability")
+    min_emotion_confidence: float = Field(0.5, ge=0.0, le=1.0, description="emotion: null below this probability")
 
     @field_validator("enabled", mode="before")
     @classmethod
@@ -97,7 +105,36 @@ class AttributeSettings(_Section):
 
 
 class GallerySettings(_Section):
+    """An SQLite file (`path`, the default) or a PostgreSQL database shared by many hosts (`url`), not both."""
+
     path: Path | None = None
+    # postgresql://USER:PASSWORD@HOST:PORT/DB[?sslmode=verify-full]; secret (never echoed in errors or logs),
+    # better from the environment (STREAMER_GALLERY__URL) or with the password in PGPASSWORD / ~/.pgpass.
+    url: SecretStr | None = None
+
+    @model_validator(mode="after")
+    def _one_gallery(self) -> GallerySettings:
+        # Raised as ConfigError, not ValueError: pydantic would echo the input, password and all.
+        if self.url is None:
+            return self
+        if self.path is not None:
+            raise ConfigError(
+                "settings gallery.path and gallery.url are both set (STREAMER_GALLERY__PATH, STREAMER_GALLERY__URL): "
+                "keep one, the SQLite file or the PostgreSQL URL"
+            )
+        from streamer.errors import GalleryError
+        from streamer.match.gallery_pg import parse_url
+
+        try:
+            parse_url(self.url, "setting gallery.url (STREAMER_GALLERY__URL)")
+        except GalleryError as exc:
+            raise ConfigError(str(exc)) from None
+        return self
+
+    @field_serializer("url", when_used="json")
+    def _reveal_for_workers(self, url: SecretStr | None) -> str | None:
+        # The JSON form is how the pipeline hands its settings to its worker processes, which must connect.
+        return None if url is None else url.get_secret_value()
 
 
 class SourceSettings(_Section):
@@ -168,6 +205,31 @@ class RecognitionSettings(_Section):
     )
     min_votes: int = Field(2, ge=1, le=1000, description="recognitions before a name is announced")
     vote_share: float = Field(0.6, gt=0.5, le=1, description="share of votes a name needs")
+    # Face quality (streamer.track.gate.face_quality: size x frontalness x sharpness, 0.008..1). A chip below
+    # this does not vote at all (neither for a name nor for unknown): a burst of poor views must not flip a
+    # known track to unknown or make a stranger of it. The default sits below every chip the gate picks on the
+    # shared clips (lowest 0.040, Hamilton; median there 0.12, so 0.1 would already silence a third of its
+    # chips): it only stops faces that are tiny, turned away and blurred at once (the floor is 0.2^3 = 0.008).
+    min_quality: float = Field(0.03, ge=0, le=1, description="chips below this face quality cast no vote")
+    # Stranger ids (streamer.match.strangers): unknown tracks clustered across streams, in memory only
+    # unless strangers_file is set.
+    unknown_ttl_s: float = Field(
+        86_400, gt=0, le=366 * 86_400, description="a stranger not seen this long is forgotten (seconds)"
+    )
+    max_strangers: int = Field(1000, ge=1, le=100_000, description="strangers kept at most (oldest go first)")
+    stranger_faces: int = Field(5, ge=1, le=32, description="best faces kept per stranger (what promote enrols)")
+    stranger_distance_ratio: float = Field(
+        0.8, gt=0, le=1,
+        description="a track joins a stranger below this x the embedder's threshold (below 1: never merge two)",
+    )
+    strangers_file: Path | None = Field(
+        None, description="keep strangers in this SQLite file (0600) across runs; None = memory only"
+    )
+
+    @field_validator("strangers_file")
+    @classmethod
+    def _expand_strangers_file(cls, value: Path | None) -> Path | None:
+        return None if value is None else value.expanduser()
 
 
 class EnrolmentSettings(_Section):
@@ -443,6 +505,165 @@ class WebhookSettings(_Section):
         return value
 
 
+def _check_nats_name(value: str, what: str) -> str:
+    # Stream names and subject tokens: no separators or wildcards (".", "*", ">"), no spaces or path
+    # characters, no leading "$" (the server's own subjects).
+    import re
+
+    if not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", value):
+        raise ValueError(f"expected a {what} of letters, digits, _ and - (1-64 characters)")
+    return value
+
+
+class NatsSettings(_Section):
+    """A NATS JetStream cluster to publish events to, durably (off unless `servers` is set).
+
+    Fields are declared so that `servers`, checked last, sees the credentials and TLS files it depends on.
+    Credentials: user + password, or token, or an nkey seed file, or a creds file (JWT + nkey); secrets are
+    better set from the environment (STREAMER_PUBLISH__NATS__PASSWORD, ...__TOKEN).
+    """
+
+    user: str | None = Field(None, min_length=1, max_length=256)
+    password: SecretStr | None = None
+    token: SecretStr | None = None
+    nkey_file: Path | None = None  # an nkey seed file (SU...): needs the `nkeys` package
+    creds_file: Path | None = None  # a .creds file (user JWT and nkey seed, from `nsc`): needs `nkeys`
+    ca_file: Path | None = None  # CA certificate(s) to trust for tls://; default: the system's
+    cert_file: Path | None = None  # client certificate (PEM) when the server authenticates by certificate
+    key_file: Path | None = None  # its private key, when not inside cert_file
+    servers: list[str] = Field(
+        min_length=1, max_length=32, description="nats://HOST[:PORT] (4222) or tls://HOST[:PORT], one per cluster node"
+    )
+    stream: str = Field("STREAMER", description="the JetStream stream, created or updated at start")
+    subject_prefix: str = Field("streamer", description="events go to PREFIX.<kind>.<stream>; the stream takes PREFIX.>")
+    replicas: int = Field(1, ge=1, le=5, description="copies of the stream in the cluster (3 survives a node loss)")
+    max_age_s: float = Field(7 * 86400.0, gt=0, le=366 * 86400, description="events older than this are removed")
+    max_bytes: int = Field(1 << 30, ge=1 << 20, le=1 << 44, description="the stream's size limit; oldest removed")
+    duplicate_window_s: float = Field(
+        120.0, ge=1, le=86400, description="a resend with the same message id within this window is stored once"
+    )
+    queue: int = Field(10_000, ge=1, le=1_000_000, description="events kept while the cluster is away, then dropped")
+    publish_timeout_s: float = Field(5.0, gt=0, le=300, description="wait this long for JetStream's ack, then resend")
+    max_in_flight: int = Field(256, ge=1, le=10_000, description="events published and not yet acknowledged")
+    connect_timeout_s: float = Field(2.0, gt=0, le=60)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _credentials_from_urls(cls, data: Any) -> Any:
+        # nats://user:password@host and nats://token@host are how NATS URLs are often written: take the
+        # credentials out, so the URLs can be logged and shown in errors. Explicit settings win.
+        if not isinstance(data, dict):
+            return data
+        servers = data.get("servers")
+        if isinstance(servers, str):
+            servers = [part.strip() for part in servers.split(",") if part.strip()]
+        if not isinstance(servers, list) or not any(isinstance(s, str) and "@" in s for s in servers):
+            return data
+        from urllib.parse import unquote, urlsplit
+
+        data = dict(data)
+        cleaned = []
+        for server in servers:
+            parts = urlsplit(server) if isinstance(server, str) else None
+            if parts is None or "@" not in parts.netloc:
+                cleaned.append(server)
+                continue
+            userinfo, _, host = parts.netloc.rpartition("@")
+            user, colon, password = userinfo.partition(":")
+            if colon:
+                data.setdefault("user", unquote(user))
+                data.setdefault("password", unquote(password))
+            elif user:
+                data.setdefault("token", unquote(user))
+            cleaned.append(parts._replace(netloc=host).geturl())
+        data["servers"] = cleaned
+        return data
+
+    @field_validator("nkey_file", "creds_file", "ca_file", "cert_file", "key_file")
+    @classmethod
+    def _file_exists(cls, value: Path | None) -> Path | None:
+        if value is None:
+            return None
+        value = value.expanduser()
+        if not value.is_file():
+            raise ValueError(f"{value} is not a file")
+        return value
+
+    @field_validator("servers", mode="before")
+    @classmethod
+    def _one_or_many(cls, value: Any) -> Any:
+        # STREAMER_PUBLISH__NATS__SERVERS=nats://a:4222,nats://b:4222 as well as a YAML/JSON list.
+        return [part.strip() for part in value.split(",") if part.strip()] if isinstance(value, str) else value
+
+    @field_validator("servers")
+    @classmethod
+    def _server_form(cls, value: list[str], info: Any) -> list[str]:
+        from urllib.parse import urlsplit
+
+        data = info.data
+        methods = [name for name in ("token", "nkey_file", "creds_file") if data.get(name) is not None]
+        if data.get("user") is not None or data.get("password") is not None:
+            if data.get("user") is None or data.get("password") is None:
+                raise ValueError("publish.nats.user and publish.nats.password go together")
+            methods.insert(0, "user")
+        if len(methods) > 1:
+            raise ValueError(f"set one way to log in, not {' and '.join('publish.nats.' + m for m in methods)}")
+        if data.get("key_file") is not None and data.get("cert_file") is None:
+            raise ValueError("publish.nats.key_file needs publish.nats.cert_file (the client certificate)")
+        tls_files = [name for name in ("ca_file", "cert_file", "key_file") if data.get(name) is not None]
+        authenticated = bool(methods) or data.get("cert_file") is not None
+        checked_all = {"password", "token", "nkey_file", "creds_file", "cert_file"} <= data.keys()
+        for server in value:
+            try:
+                parts = urlsplit(server)
+                port = parts.port
+            except ValueError:
+                raise ValueError(f"{server!r}: expected nats://HOST[:PORT] with a port 1-65535") from None
+            if parts.username is not None or parts.password is not None:
+                raise ValueError(
+                    "credentials in a server URL would show in logs: set publish.nats.user and publish.nats.password "
+                    "(env STREAMER_PUBLISH__NATS__PASSWORD) or publish.nats.token instead"
+                )
+            if parts.scheme not in ("nats", "tls") or not parts.hostname or parts.path not in ("", "/") \
+                    or parts.query or parts.fragment or port == 0:
+                raise ValueError(f"{server!r}: expected nats://HOST[:PORT] or tls://HOST[:PORT], e.g. nats://127.0.0.1:4222")
+            if parts.scheme == "nats" and tls_files:
+                raise ValueError(f"publish.nats.{tls_files[0]} is set, so use tls://HOST[:PORT]")
+            if not _is_loopback_host(parts.hostname) and not authenticated and checked_all:
+                raise ValueError(
+                    f"server {parts.hostname} is beyond this machine, so streamer must log in: set publish.nats.user "
+                    "and publish.nats.password (env STREAMER_PUBLISH__NATS__PASSWORD), publish.nats.token, "
+                    "publish.nats.creds_file or a client certificate (tls:// and publish.nats.cert_file)"
+                )
+        return value
+
+    @field_validator("stream")
+    @classmethod
+    def _stream_name(cls, value: str) -> str:
+        return _check_nats_name(value, "stream name")
+
+    @field_validator("subject_prefix")
+    @classmethod
+    def _prefix_form(cls, value: str) -> str:
+        if len(value) > 200:
+            raise ValueError("expected at most 200 characters")
+        for token in value.split("."):
+            _check_nats_name(token, "subject prefix (tokens separated by .)")
+        return value
+
+    @model_validator(mode="after")
+    def _window_within_age(self) -> NatsSettings:
+        if self.duplicate_window_s > self.max_age_s:
+            raise ValueError("publish.nats.duplicate_window_s may not exceed publish.nats.max_age_s")
+        return self
+
+    @property
+    def loopback(self) -> bool:
+        from urllib.parse import urlsplit
+
+        return all(_is_loopback_host(urlsplit(server).hostname or "") for server in self.servers)
+
+
 class PublishSettings(_Section):
     # A keys folder from `streamer keys generate`, required when `endpoint` listens beyond loopback (declared
     # first: the endpoint check needs it). Its files are read when the socket is made, at start-up.
@@ -456,6 +677,7 @@ class PublishSettings(_Section):
     track_update_s: float = Field(1.0, ge=0, le=3600, description="throttle for track.updated events; 0 = off")
     mqtt: MqttSettings | None = None  # sinks beside ZeroMQ, fed the same events; off unless configured
     webhooks: list[WebhookSettings] = Field([], max_length=32)
+    nats: NatsSettings | None = None  # a durable event bus for many hosts (JetStream)
 
     @field_validator("keys")
     @classmethod

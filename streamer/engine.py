@@ -229,7 +229,9 @@ class FaceEngine:
         for name in self.settings.attributes.enabled:
             head = self.head(name)
             outputs[name] = head.predict(head.prepare(image, faces))
-        return combine_attributes(len(faces), **outputs)
+        limits = self.settings.attributes
+        return combine_attributes(len(faces), **outputs, min_gender_confidence=limits.min_gender_confidence,
+                                  min_emotion_confidence=limits.min_emotion_confidence)
 
     def analyze(self, image: ImageInput) -> list[AnalyzedFace]:
         bgr = load_image(image, self.settings.limits.max_image_pixels)
@@ -244,12 +246,14 @@ class FaceEngine:
 
     # -- gallery --------------------------------------------------------------------------------
     def open_gallery(self, path: str | Path | None = None, *, create: bool = False, readonly: bool = False):
-        from streamer.match.gallery import Gallery
+        """The gallery at `path` (an SQLite file, or a postgresql:// URL), else the one the settings name."""
+        from streamer.match.open import location, open_gallery
 
-        path = path or self.settings.gallery.path
-        if path is None:
-            raise GalleryError("no gallery given: pass --gallery PATH or set gallery.path (STREAMER_GALLERY__PATH)")
-        return Gallery(Path(path), create=create, readonly=readonly)
+        where = path or location(self.settings.gallery)
+        if where is None:
+            raise GalleryError("no gallery given: pass --gallery PATH or URL, or set gallery.path "
+                               "(STREAMER_GALLERY__PATH) or gallery.url (STREAMER_GALLERY__URL)")
+        return open_gallery(where, create=create, readonly=readonly)
 
     def matcher(self, gallery):
         """A matcher for this engine's embedder; a gallery enrolled only with other embedders is refused."""

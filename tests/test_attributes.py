@@ -6,22 +6,27 @@ import cv2
 import numpy as np
 import pytest
 
+from streamer.config import AttributeSettings
 from streamer.errors import ConfigError, ModelError
 from streamer.infer.attributes import (
+    DEFAULT_MIN_EMOTION_CONFIDENCE,
+    DEFAULT_MIN_GENDER_CONFIDENCE,
     HEADS,
     AgeHead,
     AgePrediction,
     EmotionPrediction,
     GenderHead,
     GenderPrediction,
+    abstain,
     attributes_from_arrays,
     combine_attributes,
     create_attribute_head,
     prepare,
     prepare_function,
+    square_gray_crops,
 )
 from streamer.models.runtime import OnnxModel, RuntimeOptions
-from streamer.types import Attributes, Emotion, Faces
+from streamer.types import Attributes, Emotion, Faces, Gender
 
 CPU = RuntimeOptions(device="cpu", intra_op_threads=1)
 # One quantisation step of each model's input: a gray level in [-1, 1], a BGR level in 0..255.
@@ -31,6 +36,17 @@ STEP = {"emotion": 2 / 255, "gender": 2 / 255, "age": 1.0}
 @pytest.fixture(scope="module")
 def heads(registry):
     return {name: create_attribute_head(name, registry, CPU) for name in HEADS}
+
+
+@pytest.fixture(scope="module")
+def plain_heads(registry):
+    """The same models without mirror averaging: what the Keras reference outputs are comparable to."""
+    return {name: create_attribute_head(name, registry, CPU, flip_average=False) for name in HEADS}
+
+
+def _reference_crop(name: str, image: np.ndarray, faces: Faces) -> np.ndarray:
+    # the reference recipe had no histogram equalisation of the emotion crop
+    return square_gray_crops(image, faces, 1.0) if name == "emotion" else prepare(name, image, faces)
 
 
 @pytest.fixture(scope="module")
@@ -83,14 +99,14 @@ def test_crops_match_reference_exactly_when_no_shrinking(photo, photos, referenc
     image, faces = photos(photo)
     (row,) = _rows(reference, photo, 1)
     for name in HEADS:
-        crop = prepare(name, image, faces[:1])
+        crop = _reference_crop(name, image, faces[:1])
         diff = np.abs(crop[0] - reference[f"{name}_input"][row])
         assert diff.max() <= STEP[name] + 1e-6, f"{name}: {diff.max()}"
         assert diff.mean() <= 1e-3 * STEP[name], f"{name}: {diff.mean()}"
 
 
 @pytest.mark.parametrize("photo, count", [("img1.jpg", 1), ("img41.jpg", 1), ("img22.jpg", 1), ("couple.jpg", 2)])
-def test_crops_close_to_reference_on_shrunk_photos(photo, count, photos, reference, heads):
+def test_crops_close_to_reference_on_shrunk_photos(photo, count, photos, reference, plain_heads):
     """Big photos: YuNet's box on the shrunk copy moves by a pixel or two against the reference run, so
     the crops agree closely, not bit for bit. A mean gap of 2.5 % of the value range allows that and
     still fails the wrong crop (checked: the emotion crop is far from the gender reference)."""
@@ -99,16 +115,16 @@ def test_crops_close_to_reference_on_shrunk_photos(photo, count, photos, referen
     faces = faces[np.arange(count)]
     tolerance = {"emotion": 0.05, "gender": 0.05, "age": 0.025 * 255}
     for name in HEADS:
-        crops = prepare(name, image, faces)
+        crops = _reference_crop(name, image, faces)
         gap = np.abs(crops - reference[f"{name}_input"][rows]).mean(axis=(1, 2, 3))
         assert (gap <= tolerance[name]).all(), f"{name}: mean gaps {gap}"
-    wrong = np.abs(prepare("emotion", image, faces) - reference["gender_input"][rows]).mean(axis=(1, 2, 3))
+    wrong = np.abs(_reference_crop("emotion", image, faces) - reference["gender_input"][rows]).mean(axis=(1, 2, 3))
     assert (wrong > 2 * tolerance["gender"]).all(), wrong
 
     # what matters downstream: the same decisions and nearly the same age
-    age = heads["age"].predict(prepare("age", image, faces)).years
+    age = plain_heads["age"].predict(prepare("age", image, faces)).years
     np.testing.assert_allclose(age, reference["age_output"][rows, 0], atol=2.5)
-    gender = heads["gender"].predict(prepare("gender", image, faces))
+    gender = plain_heads["gender"].predict(prepare("gender", image, faces))
     assert gender.labels == ["man" if p > 0.5 else "woman" for p in reference["gender_output"][rows, 1]]
 
 
@@ -120,10 +136,12 @@ def test_crops_at_the_image_border_replicate_edges():
         scores=[0.9, 0.9],
         landmarks=np.zeros((2, 5, 2)),
     )
-    emotion = prepare("emotion", image, faces)
+    emotion = square_gray_crops(image, faces, 1.0)
     assert emotion.shape == (2, 64, 64, 1) and emotion.dtype == np.float32
     assert np.all(emotion[0] == 1.0)  # the white edge column replicated leftwards
     assert np.all(emotion[1] == -1.0)  # the black bottom-right corner pixel
+    # a flat crop stays flat through the emotion crop's equalisation
+    np.testing.assert_array_equal(prepare("emotion", image, faces), emotion)
     age = prepare("age", image, faces)
     assert age.shape == (2, 64, 64, 3) and np.all(age[0] == 255.0) and np.all(age[1] == 0.0)
     for name in HEADS:
@@ -156,10 +174,10 @@ def test_sanity_on_real_photos(photos, heads):
         arrays = {"embedding": np.zeros((1, 128), np.float32)}
         for name in HEADS:
             arrays.update(heads[name].predict_arrays(prepare_function(name)(image, faces[:1])))
-        assert attributes_from_arrays(1, arrays) == attributes[-1:]
+        assert abstain(attributes_from_arrays(1, arrays)[0]) == attributes[-1]
     for (photo, gender, emotion, (low, high)), got in zip(SANITY, attributes):
-        assert got.gender.label == gender, (photo, got.gender)
-        assert got.gender.probability > 0.5
+        assert got.gender is not None and got.gender.label == gender, (photo, got.gender)
+        assert got.gender.probability >= DEFAULT_MIN_GENDER_CONFIDENCE
         if emotion is not None:
             assert got.emotion.label == emotion, (photo, got.emotion)
         assert low <= got.age <= high, (photo, got.age)
@@ -192,6 +210,7 @@ def test_decoding_and_attributes():
     assert age.years.tolist() == [0.0, 100.0]
     first, second = combine_attributes(2, age=age, gender=gender, emotion=emotion)
     assert first.gender.label == "woman" and first.gender.probability == pytest.approx(0.8)
+    assert second.gender.label == "man" and second.gender.probability == pytest.approx(0.9)
     assert first.emotion.label == "happy" and first.emotion.scores["happy"] == 1.0
     assert second.age == 100.0 and second.emotion.label == "neutral"
     only_age = combine_attributes(2, age=age)
@@ -210,3 +229,58 @@ def test_wrong_model_or_name_is_refused(registry):
         GenderHead(emotion_model)  # 7 outputs where 2 are expected
     with pytest.raises(ModelError, match="wrong model file"):
         AgeHead(emotion_model)  # gray input where BGR is expected
+
+
+# -- mirror averaging and abstaining ---------------------------------------------------------------
+
+
+def test_mirror_average_is_one_batch_and_the_mean_of_both_views(photos, heads, plain_heads):
+    image, faces = photos("couple.jpg")
+    faces = faces[np.arange(2)]
+    for name in HEADS:
+        crops = prepare(name, image, faces)
+        plain, averaged = plain_heads[name], heads[name]
+        assert averaged.flip_average and not plain.flip_average
+        own = plain.predict(crops).values
+        mirrored = plain.predict(np.ascontiguousarray(crops[:, :, ::-1])).values
+        np.testing.assert_allclose(averaged.predict(crops).values, (own + mirrored) / 2, atol=1e-5)
+        # a mirrored crop gives the same averaged answer: the average is symmetric by construction
+        np.testing.assert_allclose(
+            averaged.predict(np.ascontiguousarray(crops[:, :, ::-1])).values, averaged.predict(crops).values, atol=1e-5
+        )
+    calls = []
+    model = heads["gender"].model
+    original = model.run
+    model.run = lambda batch: calls.append(len(batch)) or original(batch)
+    try:
+        heads["gender"].predict(prepare("gender", image, faces))
+    finally:
+        model.run = original
+    assert calls == [4]  # two crops and their two mirrors in one session.run
+
+
+def test_low_confidence_gender_and_emotion_are_withheld():
+    gender = GenderPrediction(np.array([0.2, 0.4, 0.65, 0.95], np.float32))
+    flat = np.full((4, 7), 1 / 7, np.float32)
+    sure = np.eye(7, dtype=np.float32)[[3, 3, 3, 3]]
+    emotion = EmotionPrediction(np.where(np.arange(4)[:, None] < 2, flat, sure))
+    got = combine_attributes(4, gender=gender, emotion=emotion)
+    assert [a.gender and a.gender.label for a in got] == ["woman", None, None, "man"]
+    assert [a.emotion and a.emotion.label for a in got] == [None, None, "happy", "happy"]
+    # 0 = always answer
+    always = combine_attributes(4, gender=gender, emotion=emotion, min_gender_confidence=0, min_emotion_confidence=0)
+    assert all(a.gender is not None and a.emotion is not None for a in always)
+    assert abstain(Attributes(age=30.0, gender=Gender("man", 0.6)), 0.7).gender is None
+    assert abstain(Attributes(age=30.0, gender=Gender("man", 0.6)), 0.5).gender == Gender("man", 0.6)
+    with pytest.raises(ValueError, match="min_gender_confidence"):
+        combine_attributes(4, gender=gender, min_gender_confidence=1.5)
+    # an abstention is JSON null in the attributes event
+    assert got[1].as_dict()["gender"] is None and got[1].as_dict()["emotion"] is None
+
+
+def test_confidence_settings_default_to_the_module_constants(monkeypatch):
+    settings = AttributeSettings()
+    assert settings.min_gender_confidence == DEFAULT_MIN_GENDER_CONFIDENCE
+    assert settings.min_emotion_confidence == DEFAULT_MIN_EMOTION_CONFIDENCE
+    with pytest.raises(ValueError, match="min_emotion_confidence"):
+        AttributeSettings(min_emotion_confidence=2)

@@ -145,7 +145,10 @@ def test_hamilton_clip_names_lin_manuel_miranda(env, media_dir, lin_gallery):
     assert all(0.5 < e.score <= 1 and e.distance < 0.6 for e in named)
     assert not [e for e in identities if e.name == "Eileen Collins"], "nobody in this clip is the astronaut"
     attributes = [e for e in run.events if e.kind == "attributes"]
-    assert attributes and all(e.age is not None and e.gender and e.emotion for e in attributes)
+    # Age always; gender and emotion abstain (null) while the track's smoothed confidence is low.
+    assert attributes and all(e.age is not None for e in attributes)
+    assert any(e.gender for e in attributes) and any(e.emotion for e in attributes)
+    assert not [e for e in attributes if e.emotion and e.emotion.label == "angry"], "people laughing read angry"
     status = [e.status for e in run.events if e.kind == "stream.status"]
     assert status[0] == "connected" and status[-1] == "ended"
     assert run.events[-1].kind in ("heartbeat", "stream.status")

@@ -106,8 +106,11 @@ def emotion(**scores: float) -> Emotion:
     return Emotion(label=max(full, key=full.__getitem__), scores=full)
 
 
+ALWAYS = {"min_gender_confidence": 0.0, "min_emotion_confidence": 0.0}  # never abstain
+
+
 def test_smoother_averages_age_gender_and_emotion():
-    smoother = AttributeSmoother()
+    smoother = AttributeSmoother(**ALWAYS)
     first = smoother.add(4, Attributes(age=20.0, gender=Gender("man", 0.8), emotion=emotion(happy=0.6, neutral=0.4)))
     assert first.age == 20.0
     assert first.gender == Gender("man", pytest.approx(0.8))
@@ -126,7 +129,7 @@ def test_smoother_averages_age_gender_and_emotion():
 
 
 def test_smoother_fields_are_independent_and_none_until_seen():
-    smoother = AttributeSmoother()
+    smoother = AttributeSmoother(**ALWAYS)
     only_age = smoother.add(1, Attributes(age=40.0))
     assert only_age == Attributes(age=40.0, gender=None, emotion=None)
     with_gender = smoother.add(1, Attributes(gender=Gender("woman", 0.7)))
@@ -148,3 +151,48 @@ def test_smoother_rejects_unknown_gender_label_and_caps_memory():
     assert len(smoother) == 2
     smoother.reset()
     assert len(smoother) == 0
+
+
+def test_smoother_weights_observations():
+    smoother = AttributeSmoother(**ALWAYS)
+    smoother.add(1, Attributes(age=20.0, gender=Gender("man", 0.9), emotion=emotion(angry=0.8, happy=0.2)), weight=0.1)
+    got = smoother.add(1, Attributes(age=40.0, gender=Gender("woman", 0.9), emotion=emotion(happy=0.9, angry=0.1)), 0.9)
+    assert got.age == pytest.approx((0.1 * 20 + 0.9 * 40) / 1.0)
+    # P(man) = 0.1 * 0.9 + 0.9 * 0.1 = 0.18
+    assert got.gender == Gender("woman", pytest.approx(0.82))
+    assert got.emotion.label == "happy" and got.emotion.scores["happy"] == pytest.approx(0.83)
+    # the default weight is 1.0: the call without it is the plain mean
+    plain = AttributeSmoother(**ALWAYS)
+    plain.add(2, Attributes(age=20.0))
+    assert plain.add(2, Attributes(age=40.0)).age == pytest.approx(30.0)
+    # weight 0 adds nothing; a track seen only with weight 0 has no estimate yet
+    assert plain.add(2, Attributes(age=100.0), weight=0.0).age == pytest.approx(30.0)
+    assert plain.add(3, Attributes(age=50.0), weight=0).age is None
+    for bad in (-0.1, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="weight"):
+            plain.add(2, Attributes(age=1.0), weight=bad)
+
+
+def test_smoother_abstains_on_the_smoothed_value():
+    smoother = AttributeSmoother(min_gender_confidence=0.7, min_emotion_confidence=0.5)
+    first = smoother.add(1, Attributes(gender=Gender("woman", 0.9), emotion=emotion(happy=0.9, sad=0.1)))
+    assert first.gender == Gender("woman", pytest.approx(0.9)) and first.emotion.label == "happy"
+    # a second, contradicting view: P(man) = (0.1 + 0.8) / 2 = 0.45 -> woman 0.55 < 0.7: withheld;
+    # happy (0.9 + 0.1) / 2 = 0.5 still reaches 0.5
+    second = smoother.add(1, Attributes(gender=Gender("man", 0.8), emotion=emotion(sad=0.9, happy=0.1)))
+    assert second.gender is None and second.emotion.label == "happy"
+    third = smoother.add(1, Attributes(gender=Gender("man", 0.99), emotion=emotion(angry=1.0)))
+    assert third.emotion is None  # happy 1/3, sad 1/3, angry 1/3
+    assert third.gender is None  # P(man) = (0.1 + 0.8 + 0.99) / 3 = 0.63
+    assert third.as_dict()["gender"] is None and third.as_dict()["emotion"] is None
+    assert AttributeSmoother().min_gender_confidence == 0.7  # the settings' defaults
+    with pytest.raises(ValueError, match="min_emotion_confidence"):
+        AttributeSmoother(min_emotion_confidence=-0.1)
+
+
+def test_smoother_from_settings():
+    from streamer.config import AttributeSettings
+
+    smoother = AttributeSmoother.from_settings(AttributeSettings(min_gender_confidence=0.9, min_emotion_confidence=0.0))
+    assert smoother.min_gender_confidence == 0.9 and smoother.min_emotion_confidence == 0.0
+    assert smoother.add(1, Attributes(gender=Gender("man", 0.85))).gender is None

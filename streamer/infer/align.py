@@ -3,7 +3,8 @@
 Each embedder was trained on chips cut with one geometry; a `ChipTemplate` states where the detector's
 landmarks must land in that chip, per landmark scheme (five points from YuNet/SCRFD, four from
 BlazeFace). `align_faces` fits rotation + uniform scale + translation per face (LMEDS, so one bad point
-cannot drag the fit) and warps every face of a `Faces` record into a batch of chips.
+cannot drag the fit) and warps every face of a `Faces` record into a batch of chips (area-averaged first
+when the face is much larger than the chip, edges repeated where the chip reaches past the photo).
 """
 
 from __future__ import annotations
@@ -14,7 +15,6 @@ import cv2
 import numpy as np
 
 from streamer.imaging import check_image
-
 from streamer.types import Faces, LandmarkScheme
 
 
@@ -141,6 +141,43 @@ def estimate_transform(landmarks: np.ndarray, template_points: np.ndarray) -> np
     return matrix
 
 
+# Below this scale (chip pixels per image pixel) a single bilinear warp samples the face too sparsely
+# and aliases (fine texture turns into noise the network reads as identity). Like dlib's own chip
+# extraction, which goes down an image pyramid first, the region is first shrunk with area averaging to
+# about chip resolution. Measured on the shared pairs (tools/degrade_pairs.py): ROC AUC clean
+# 0.99993 -> 0.99996, JPEG 0.99960 -> 0.99964, rotated 0.99555 -> 0.99569, with BORDER_REPLICATE below.
+_ANTIALIAS_BELOW = 0.75
+
+
+def _warp_one(image_bgr: np.ndarray, matrix: np.ndarray, size: int, out: np.ndarray) -> None:
+    scale = float(np.sqrt(abs(np.linalg.det(matrix[:, :2]))))
+    source = image_bgr
+    if scale < _ANTIALIAS_BELOW:
+        # the part of the image the chip sees (chip corners mapped back), 2 px of context for the filter
+        inverse = cv2.invertAffineTransform(matrix)
+        corners = np.array([[0, 0, 1], [size, 0, 1], [0, size, 1], [size, size, 1]], np.float64) @ inverse.T
+        height, width = image_bgr.shape[:2]
+        x0, y0 = np.maximum(np.floor(corners.min(0) - 2).astype(int), 0)
+        x1, y1 = np.ceil(corners.max(0) + 2).astype(int)
+        x1, y1 = min(int(x1), width), min(int(y1), height)
+        if x1 - x0 >= 2 and y1 - y0 >= 2:
+            w, h = x1 - x0, y1 - y0
+            new_w, new_h = max(1, round(w * scale)), max(1, round(h * scale))
+            source = cv2.resize(image_bgr[y0:y1, x0:x1], (new_w, new_h), interpolation=cv2.INTER_AREA)
+            fx, fy = new_w / w, new_h / h
+            # cv2.resize maps pixel centres: image x = (small x + 0.5) / fx - 0.5 + x0
+            linear = matrix[:, :2]
+            shrunk = np.empty((2, 3))
+            shrunk[:, 0] = linear[:, 0] / fx
+            shrunk[:, 1] = linear[:, 1] / fy
+            shrunk[:, 2] = matrix[:, 2] + linear @ np.array([0.5 / fx - 0.5 + x0, 0.5 / fy - 0.5 + y0])
+            matrix = shrunk
+    # Chip area outside the photo (a tightly cropped portrait): repeat the edge rather than paint it
+    # black, so a crop's borders do not become a feature two unrelated tight crops share (measured:
+    # ROC AUC on the clean pairs 0.99994 -> 0.99996, darkened copies 5 -> 3 wrong accepts).
+    cv2.warpAffine(source, matrix, (size, size), dst=out, flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
+
+
 def align_faces(image_bgr: np.ndarray, faces: Faces, template: ChipTemplate) -> np.ndarray:
     """Chips (N, S, S, 3) uint8 BGR, one per face, with the landmarks warped onto the template."""
     check_image(image_bgr)
@@ -150,14 +187,5 @@ def align_faces(image_bgr: np.ndarray, faces: Faces, template: ChipTemplate) -> 
         return chips
     points = template.points_for(faces.scheme)
     for i, landmarks in enumerate(faces.landmarks):
-        matrix = estimate_transform(landmarks, points)
-        cv2.warpAffine(
-            image_bgr,
-            matrix,
-            (size, size),
-            dst=chips[i],
-            flags=cv2.INTER_LINEAR,
-            borderMode=cv2.BORDER_CONSTANT,
-            borderValue=0,
-        )
+        _warp_one(image_bgr, estimate_transform(landmarks, points), size, chips[i])
     return chips

@@ -51,6 +51,7 @@ from streamer.match.distance import (
     prepare_gallery,
 )
 from streamer.match.gallery import Gallery, GalleryError, Snapshot
+from streamer.match.open import AnyGallery
 
 __all__ = ["METRICS", "GalleryStatus", "Match", "Matcher", "Metric", "check_embedder", "open_matcher"]
 
@@ -362,7 +363,7 @@ def _embedder_option(embedder_id: str) -> str:
     return f"the embedder {embedder_id!r} names"
 
 
-def check_embedder(gallery: Gallery, embedder_id: str) -> None:
+def check_embedder(gallery: AnyGallery, embedder_id: str) -> None:
     """GalleryError (one line, with the remedy) when the gallery holds faces, none of them from
     `embedder_id`: matching would then call everyone unknown without saying why. An empty gallery is fine."""
     enrolled = gallery.embedders()
@@ -376,19 +377,20 @@ def check_embedder(gallery: Gallery, embedder_id: str) -> None:
     )
 
 
-def open_matcher(path, spec) -> tuple[Gallery | None, Matcher | None]:  # noqa: ANN001
+def open_matcher(path, spec) -> tuple[AnyGallery | None, Matcher | None]:  # noqa: ANN001
     """The gallery at `path` (read-only, never created) and a background-reloading matcher for embedder
     `spec`; (None, None) without a gallery: every face is then unknown. A gallery enrolled only with other
-    embedders is refused (`check_embedder`).
+    embedders is refused (`check_embedder`). `path`: a file, a postgresql:// URL, or the `gallery` settings
+    section (`streamer.match.open.location`).
 
     Opening waits up to the gallery's usual busy timeout for another process's lock; after the first load
     the reload thread waits only briefly and retries instead, with the last good copy answering meanwhile.
     """
-    if path is None:
-        return None, None
-    from pathlib import Path
+    from streamer.match.open import location, open_gallery
 
-    gallery = Gallery(Path(path), create=False, readonly=True)
+    if location(path) is None:
+        return None, None
+    gallery = open_gallery(path, create=False, readonly=True)
     try:
         check_embedder(gallery, spec.id)
         matcher = Matcher(gallery, spec.id, spec.metric, spec.threshold, background=True)

@@ -12,11 +12,15 @@ import math
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from streamer.infer.attributes import (
+    DEFAULT_MIN_EMOTION_CONFIDENCE,
+    DEFAULT_MIN_GENDER_CONFIDENCE,
+)
 from streamer.lru import LruDict
 from streamer.types import Attributes, Emotion, Gender
 
 if TYPE_CHECKING:
-    from streamer.config import RecognitionSettings
+    from streamer.config import AttributeSettings, RecognitionSettings
 
 _DEFAULT_MAX_TRACKS = 10_000
 _GENDER_LABELS = ("man", "woman")
@@ -113,58 +117,91 @@ class IdentityVoter:
 
 @dataclass
 class _Sums:
+    # weighted sums and their total weights (a weight is 1.0 unless the caller passes, e.g., face quality)
     age_sum: float = 0.0
-    age_n: int = 0
+    age_w: float = 0.0
     man_sum: float = 0.0
-    gender_n: int = 0
+    gender_w: float = 0.0
     emotion_sums: dict[str, float] = field(default_factory=dict)
-    emotion_n: int = 0
+    emotion_w: float = 0.0
+
+
+def _check_confidence(name: str, value: float) -> float:
+    if not 0.0 <= value <= 1.0:
+        raise ValueError(f"AttributeSmoother: {name} must be in [0, 1], got {value}")
+    return float(value)
 
 
 class AttributeSmoother:
-    """Running means over a track: age averaged, gender by mean P(man), emotion by mean class scores."""
+    """Weighted running means over a track: age averaged, gender by mean P(man), emotion by mean class
+    scores; then gender / emotion are withheld (None) while the smoothed probability of the winning
+    label is below min_gender_confidence / min_emotion_confidence (0 = always answer; the defaults are
+    those of settings attributes.*, so a smoother built without settings abstains as configured)."""
 
-    def __init__(self, max_tracks: int = _DEFAULT_MAX_TRACKS) -> None:
+    def __init__(
+        self,
+        max_tracks: int = _DEFAULT_MAX_TRACKS,
+        *,
+        min_gender_confidence: float = DEFAULT_MIN_GENDER_CONFIDENCE,
+        min_emotion_confidence: float = DEFAULT_MIN_EMOTION_CONFIDENCE,
+    ) -> None:
         _check_max_tracks("AttributeSmoother", max_tracks)
         self.max_tracks = int(max_tracks)
+        self.min_gender_confidence = _check_confidence("min_gender_confidence", min_gender_confidence)
+        self.min_emotion_confidence = _check_confidence("min_emotion_confidence", min_emotion_confidence)
         self._sums: LruDict[int, _Sums] = LruDict(self.max_tracks)
+
+    @classmethod
+    def from_settings(cls, settings: AttributeSettings) -> AttributeSmoother:
+        return cls(
+            min_gender_confidence=settings.min_gender_confidence,
+            min_emotion_confidence=settings.min_emotion_confidence,
+        )
 
     def __len__(self) -> int:
         return len(self._sums)
 
-    def add(self, track_id: int, attributes: Attributes) -> Attributes:
-        """Fold one observation into the track; return the smoothed attributes (None where never seen)."""
+    def add(self, track_id: int, attributes: Attributes, weight: float = 1.0) -> Attributes:
+        """Fold one observation into the track with `weight` (>= 0: e.g. the face's quality, so a sharp
+        frontal view outweighs a blurred profile); return the smoothed attributes (None where never
+        seen with a positive weight, or below the confidence settings)."""
         gender = attributes.gender
         if gender is not None and gender.label not in _GENDER_LABELS:
             raise ValueError(f"AttributeSmoother: gender label must be one of {_GENDER_LABELS}, got {gender.label!r}")
+        weight = float(weight)
+        if not (math.isfinite(weight) and weight >= 0.0):
+            raise ValueError(f"AttributeSmoother.add: weight must be finite and >= 0, got {weight}")
         track_id = int(track_id)
         sums = self._sums.get_or_create(track_id, _Sums)
 
         if attributes.age is not None:
-            sums.age_sum += float(attributes.age)
-            sums.age_n += 1
+            sums.age_sum += weight * float(attributes.age)
+            sums.age_w += weight
         if gender is not None:
             p = float(gender.probability)
-            sums.man_sum += p if gender.label == "man" else 1.0 - p
-            sums.gender_n += 1
+            sums.man_sum += weight * (p if gender.label == "man" else 1.0 - p)
+            sums.gender_w += weight
         if attributes.emotion is not None:
             # A label missing from one observation counts as probability 0 there.
             for label, value in attributes.emotion.scores.items():
-                sums.emotion_sums[label] = sums.emotion_sums.get(label, 0.0) + float(value)
-            sums.emotion_n += 1
+                sums.emotion_sums[label] = sums.emotion_sums.get(label, 0.0) + weight * float(value)
+            sums.emotion_w += weight
         return self._smoothed(sums)
 
-    @staticmethod
-    def _smoothed(sums: _Sums) -> Attributes:
-        age = sums.age_sum / sums.age_n if sums.age_n else None
+    def _smoothed(self, sums: _Sums) -> Attributes:
+        age = sums.age_sum / sums.age_w if sums.age_w > 0 else None
         gender = None
-        if sums.gender_n:
-            p_man = sums.man_sum / sums.gender_n
+        if sums.gender_w > 0:
+            p_man = sums.man_sum / sums.gender_w
             gender = Gender("man", p_man) if p_man >= 0.5 else Gender("woman", 1.0 - p_man)
+            if gender.probability < self.min_gender_confidence:
+                gender = None
         emotion = None
-        if sums.emotion_n and sums.emotion_sums:
-            scores = {label: total / sums.emotion_n for label, total in sums.emotion_sums.items()}
-            emotion = Emotion(label=max(scores, key=scores.__getitem__), scores=scores)
+        if sums.emotion_w > 0 and sums.emotion_sums:
+            scores = {label: total / sums.emotion_w for label, total in sums.emotion_sums.items()}
+            label = max(scores, key=scores.__getitem__)
+            if scores[label] >= self.min_emotion_confidence:
+                emotion = Emotion(label=label, scores=scores)
         return Attributes(age=age, gender=gender, emotion=emotion)
 
     def forget(self, track_id: int) -> None:

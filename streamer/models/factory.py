@@ -58,7 +58,8 @@ class ModelFactory:
         """How chips are aligned and vectors compared, read from the file without a session."""
         from streamer.infer.embedders import embedder_spec
 
-        return embedder_spec(self.settings.embedder.name, self.registry, self.settings.embedder.threshold)
+        embedder = self.settings.embedder
+        return embedder_spec(embedder.name, self.registry, embedder.threshold, flip_average=embedder.flip_average)
 
     @cached_property
     def embedder_sha256(self) -> str:
@@ -92,9 +93,9 @@ class ModelFactory:
     def embedder(self) -> Embedder:
         from streamer.infer.embedders import create_embedder
 
-        return create_embedder(
-            self.settings.embedder.name, self.registry, self.runtime, threshold=self.settings.embedder.threshold
-        )
+        embedder = self.settings.embedder
+        return create_embedder(embedder.name, self.registry, self.runtime, threshold=embedder.threshold,
+                               flip_average=embedder.flip_average)
 
     def head(self, name: str) -> AttributeHead:
         from streamer.infer.attributes import create_attribute_head

@@ -101,7 +101,7 @@ def serial_tracked_pass(settings: Settings, path: str, max_frames: int | None = 
     spec = factory.embedder_spec
     chips = ChipPreparer(spec, settings.attributes.enabled)
     models = InferenceModels.load(factory)  # warms every session up
-    gallery, matcher = open_matcher(settings.gallery.path, spec)
+    gallery, matcher = open_matcher(settings.gallery, spec)
     processor = StreamProcessor.from_settings(STREAM, settings, detector, chips.prepare)
     recogniser = TrackRecogniser.from_settings(STREAM, settings, matcher)
     slot = StreamSlot(_NoSource(), processor, recogniser)  # only its processor/recogniser bookkeeping is used
@@ -160,7 +160,7 @@ def per_frame_all_models_pass(settings: Settings, path: str, max_frames: int | N
     spec = factory.embedder_spec
     chips = ChipPreparer(spec, settings.attributes.enabled)
     models = InferenceModels.load(factory)
-    gallery, matcher = open_matcher(settings.gallery.path, spec)
+    gallery, matcher = open_matcher(settings.gallery, spec)
     first = last = None
     frames = faces_embedded = 0
     try:

@@ -8,6 +8,11 @@ worker never resets it; it passes `first_track_ids` so track ids are never reuse
 The inference client's health changes become `pipeline.status` events (inference down/up, with why), and
 its state rides on every stats message for the heartbeat. A supervisor that is gone (SIGKILL) stops
 the worker at once, without a drain: there is nobody left to publish to (`worker_base.OrphanGuard`).
+
+For `streamer serve` the supervisor also sends commands (`messages.Watch`, `AddSource`, `RemoveSource`,
+`SetCrops`): sources are opened and closed at run time, and the streams someone watches get annotated
+JPEG tiles on the frames channel (`streamer.pipeline.live`). With `keep_running` the worker idles
+without sources instead of exiting when the last one ends.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ import logging
 import os
 import signal
 import sys
+import threading
 import time
 from collections.abc import Mapping
 from typing import Any
@@ -23,29 +29,53 @@ from typing import Any
 import numpy as np
 import zmq
 
-from streamer.config import Settings
-from streamer.errors import StreamerError
-from streamer.pipeline.inference_client import InferenceClient
-from streamer.pipeline.messages import WorkerStats, control_frames, event_frames
-from streamer.pipeline.metrics import BATCH_FACES, DETECT_SECONDS, INFERENCE_SECONDS, Buckets
+from streamer.config import Settings, SourceSettings
+from streamer.errors import SourceError, StreamerError
+from streamer.logutil import RateLimitedLog
 from streamer.match.matcher import open_matcher
+from streamer.pipeline.inference_client import InferenceClient
+from streamer.pipeline.live import LiveRenderer
+from streamer.pipeline.messages import (
+    AddSource,
+    DetectOptions,
+    LiveFrameMeta,
+    RemoveSource,
+    SetCrops,
+    Watch,
+    WorkerStats,
+    control_frames,
+    event_frames,
+    live_frame_frames,
+    parse_command,
+)
+from streamer.pipeline.metrics import (
+    BATCH_FACES,
+    DETECT_SECONDS,
+    INFERENCE_SECONDS,
+    Buckets,
+)
 from streamer.pipeline.slot import StreamSlot
-from streamer.publish.events import Event, PipelineStatus
+from streamer.publish.events import Event, PipelineStatus, StreamStatus
 from streamer.publish.output import AnnotatedOutput, face_labels
 from streamer.sockets import SocketDefaults, SocketKind, make_socket
 
 log = logging.getLogger(__name__)
 
 DRAIN_TIMEOUT_S = 10.0
+LIVE_HWM = 2  # tiles queued for the supervisor: a newer one is worth more than an old one waiting
+COMMANDS_PER_TURN = 64  # commands applied between two frames, so a flood cannot stall the streams
 
 
 class DetectWorker:
     def __init__(self, settings: Settings, inference_endpoint: str, events_endpoint: str, control_endpoint: str,
-                 *, first_track_ids: Mapping[str, int] | None = None, context: zmq.Context | None = None) -> None:
+                 *, first_track_ids: Mapping[str, int] | None = None, context: zmq.Context | None = None,
+                 options: DetectOptions | None = None) -> None:
         from streamer.infer.chips import ChipPreparer
         from streamer.models.factory import ModelFactory
 
         self.settings = settings
+        self.options = options = options or DetectOptions()
+        self.keep_running = options.keep_running
         self.running = True
         self.orphaned = False
         models = ModelFactory(settings)
@@ -60,11 +90,23 @@ class DetectWorker:
         self.detector = _TimedDetector(detector, self.histograms["detect_seconds"])
         spec = models.embedder_spec
         self.chips = ChipPreparer(spec, settings.attributes.enabled)
-        self.gallery, self.matcher = open_matcher(settings.gallery.path, spec)
+        self.gallery, self.matcher = open_matcher(settings.gallery, spec)
         context = context or zmq.Context.instance()
-        self.client = InferenceClient.from_settings(settings, models, inference_endpoint, context=context)
+        self.client = InferenceClient.from_settings(settings, models, inference_endpoint, context=context,
+                                                    crops=options.crops)
         self.events = make_socket(context, SocketKind.PUSH, hwm=SocketDefaults.EVENT_HWM, connect=events_endpoint)
         self.control = make_socket(context, SocketKind.PUSH, hwm=SocketDefaults.EVENT_HWM, connect=control_endpoint)
+        self.commands = self.frames = None
+        if options.commands_endpoint is not None:
+            self.commands = make_socket(context, SocketKind.PULL, hwm=SocketDefaults.EVENT_HWM,
+                                        connect=options.commands_endpoint, max_message_bytes=1 << 20)
+        if options.frames_endpoint is not None:
+            self.frames = make_socket(context, SocketKind.PUSH, hwm=LIVE_HWM, connect=options.frames_endpoint)
+        serve = settings.serve
+        self.renderer = LiveRenderer(serve.live_fps, serve.live_max_width, settings.output.blur_unknown)
+        self.watches: dict[str, float] = {}  # stream -> time.monotonic() when its watch expires
+        self.live_dropped = 0  # tiles the supervisor had no room for
+        self._log = RateLimitedLog(log)
         sources = {source.id or f"cam{i}": source.url for i, source in enumerate(settings.sources)}
         self.output = AnnotatedOutput(settings.output, len(settings.sources), sources)  # sources: audio to copy
         self.first_track_ids = dict(first_track_ids or {})
@@ -85,7 +127,7 @@ class DetectWorker:
     def run(self) -> None:
         try:
             self._open_streams()
-            while self.running and not all(slot.ended for slot in self.slots):
+            while self.running and (self.keep_running or not all(slot.ended for slot in self.slots)):
                 self._turn()
             if not self.orphaned:
                 self._drain()
@@ -93,22 +135,120 @@ class DetectWorker:
             self._close()
 
     def _open_streams(self) -> None:
+        for index, source_settings in enumerate(self.settings.sources):
+            stream = source_settings.id or f"cam{index}"
+            if not self.keep_running:
+                self.slots.append(self._new_slot(source_settings, stream, self.first_track_ids.get(stream, 1)))
+                continue
+            # Serving: one bad source is that stream's end, not the console's.
+            try:
+                self.slots.append(self._new_slot(source_settings, stream, self.first_track_ids.get(stream, 1)))
+            except SourceError as exc:
+                self._send([StreamStatus(stream=stream, status="ended", detail=str(exc)[:2000])])
+        started = []
+        for slot in self.slots:
+            if not self.keep_running:
+                slot.source.start()
+                continue
+            try:
+                slot.source.start()
+                started.append(slot)
+            except SourceError as exc:
+                self._send([StreamStatus(stream=slot.id, status="ended", detail=str(exc)[:2000])])
+        if self.keep_running:
+            self.slots = started
+
+    def _new_slot(self, source_settings: SourceSettings, stream: str, first_track_id: int) -> StreamSlot:
         from streamer.match.recogniser import TrackRecogniser
         from streamer.sources import open_source
         from streamer.track.processor import StreamProcessor
 
-        for index, source_settings in enumerate(self.settings.sources):
-            stream = source_settings.id or f"cam{index}"
-            processor = StreamProcessor.from_settings(stream, self.settings, self.detector, self.chips.prepare,
-                                                      first_track_id=self.first_track_ids.get(stream, 1))
-            recogniser = TrackRecogniser.from_settings(stream, self.settings, self.matcher)
-            self.slots.append(StreamSlot(open_source(source_settings, stream, self.settings.reconnect), processor,
-                                         recogniser))
-        for slot in self.slots:
+        processor = StreamProcessor.from_settings(stream, self.settings, self.detector, self.chips.prepare,
+                                                  first_track_id=first_track_id)
+        recogniser = TrackRecogniser.from_settings(stream, self.settings, self.matcher)
+        return StreamSlot(open_source(source_settings, stream, self.settings.reconnect), processor, recogniser)
+
+    # -- commands (streamer serve) ---------------------------------------------------------------------------
+    def _commands(self) -> None:
+        if self.commands is None:
+            return
+        for _ in range(COMMANDS_PER_TURN):
+            try:
+                frames = self.commands.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                break
+            try:
+                command = parse_command(frames)
+            except ValueError as exc:  # another process sent it: refuse it, keep going
+                self._log.warning("command", "refusing an invalid command: %s", exc)
+                continue
+            if isinstance(command, Watch):
+                self._watch(command)
+            elif isinstance(command, AddSource):
+                self._add_source(command)
+            elif isinstance(command, RemoveSource):
+                self._remove_source(command.stream)
+            elif isinstance(command, SetCrops):
+                self.client.include_crops = command.on or self.settings.publish.include_crops
+        now = time.monotonic()
+        for stream in [s for s, until in self.watches.items() if until <= now]:
+            del self.watches[stream]  # not renewed: the viewer (or the supervisor) is gone
+            self.renderer.forget(stream)
+
+    def _watch(self, command: Watch) -> None:
+        if not command.active:
+            self.watches.pop(command.stream, None)
+            self.renderer.forget(command.stream)
+        elif any(slot.id == command.stream for slot in self.slots):  # bounded by the slots
+            self.watches[command.stream] = time.monotonic() + command.ttl_s
+
+    def _add_source(self, command: AddSource) -> None:
+        stream = command.source.id
+        assert stream is not None  # AddSource validates it
+        if any(slot.id == stream for slot in self.slots):
+            return  # a restarted worker got it with its arguments already
+        first = max(command.first_track_id, self.first_track_ids.get(stream, 1))
+        try:
+            slot = self._new_slot(command.source, stream, first)
             slot.source.start()
+        except SourceError as exc:
+            self._send([StreamStatus(stream=stream, status="ended", detail=str(exc)[:2000])])
+            return
+        self.slots.append(slot)
+        log.info("source %s added: %s", stream, command.source.url)
+
+    def _remove_source(self, stream: str) -> None:
+        slot = next((s for s in self.slots if s.id == stream), None)
+        if slot is None:
+            return  # never opened, or removed already
+        self._send(slot.end(stopped=True, detail="removed"))
+        self.slots.remove(slot)
+        self.first_track_ids[stream] = slot.processor.next_track_id  # the same id added again goes on counting
+        self.watches.pop(stream, None)
+        self.renderer.forget(stream)
+        # A network source's reader can take its timeouts to notice the stop: never on this thread.
+        threading.Thread(target=slot.source.stop, name=f"stop-{stream}", daemon=True).start()
+        log.info("source %s removed", stream)
+
+    def _live(self, slot: StreamSlot, frame: Any) -> None:
+        """A tile of this frame for the supervisor, when someone watches and one is due."""
+        if self.frames is None or slot.id not in self.watches or not self.renderer.due(slot.id):
+            return
+        detections = slot.processor.last_detections
+        labels = [] if detections is None else self.output.labels(detections, slot.processor.last_tracked,
+                                                                     face_labels(slot.recogniser.tracks))
+        jpeg = self.renderer.render(frame.image, detections, labels)
+        meta = LiveFrameMeta(stream=slot.id, frame=frame.index, pts=frame.pts, decoded_at=frame.decoded_at,
+                             encoded_at=time.monotonic())
+        try:
+            self.frames.send_multipart(live_frame_frames(meta, jpeg), zmq.NOBLOCK)
+            slot.live_frames += 1
+        except zmq.Again:
+            self.live_dropped += 1
 
     def _turn(self) -> None:
         worked = False
+        self._commands()
         for slot in self.slots:
             self._send(slot.status_events())
             if slot.ended:
@@ -119,7 +259,8 @@ class DetectWorker:
                 worked = True
             elif slot.source.finished:
                 self._send(slot.end(stopped=False))
-        self._results(timeout_ms=0 if worked else 5)
+        # Idle without sources (serving, none added yet): wake less often; a command waits at most that long.
+        self._results(timeout_ms=0 if worked else 5 if self.slots else 50)
         self.client.expire()
         self._check_inference()
         self._check_gallery()
@@ -138,6 +279,8 @@ class DetectWorker:
             if not self.output.render(slot.id, frame, slot.processor.last_detections, tracked,
                                       face_labels(slot.recogniser.tracks), slot.source.frame_rate):
                 self.running = False  # the viewer closed the preview
+        if self.watches:
+            self._live(slot, frame)
         self.last_frame_at = now = time.monotonic()
         slot.fps.tick(now)
 
@@ -176,7 +319,9 @@ class DetectWorker:
     def _check_reachable(self) -> None:
         from streamer.pipeline.slot import check_reachable
 
-        check_reachable(self.slots, exit_if_none_connect=self.settings.reconnect.exit_if_none_connect)
+        # Serving, sources come and go over the API: a wrong address is that stream's problem, shown on it.
+        check_reachable(self.slots, exit_if_none_connect=self.settings.reconnect.exit_if_none_connect
+                        and not self.keep_running)
 
     def _drain(self) -> None:
         """Wait for in-flight inference, then end every track and stream cleanly."""
@@ -206,6 +351,9 @@ class DetectWorker:
         linger = 0 if self.orphaned else 2000  # let the last events reach the supervisor, if there is one
         self.events.close(linger=linger)
         self.control.close(linger=linger)
+        for socket in (self.commands, self.frames):
+            if socket is not None:
+                socket.close(linger=0)
 
     def _send(self, events: list[Event], decoded_at: float | None = None, crop: bytes | None = None) -> None:
         for event in events:
@@ -221,7 +369,7 @@ class DetectWorker:
             worker="detect",
             streams={slot.id: slot.stats(now) for slot in self.slots},
             queues={"inference_pending": client.pending, "inference_dropped": client.dropped,
-                    "inference_expired": client.expired},
+                    "inference_expired": client.expired, "live_dropped": self.live_dropped},
             faces_sent=client.faces_sent,
             faces_embedded=client.faces_embedded,
             faces_dropped=client.faces_dropped,
@@ -259,9 +407,9 @@ class _TimedDetector:
 
 def detect_main(settings_data: dict[str, Any], inference_endpoint: str, events_endpoint: str, control_endpoint: str,
                 first_track_ids: dict[str, int], log_level: int = logging.WARNING,
-                temp_folder: str | None = None) -> None:
+                temp_folder: str | None = None, options: dict[str, Any] | None = None) -> None:
     """Process entry point (spawned by the supervisor). `temp_folder` is the supervisor's, removed by us
-    if it dies without cleaning up."""
+    if it dies without cleaning up; `options`: a DetectOptions as a dict."""
     from streamer.pipeline.worker_base import OrphanGuard, report_fatal
 
     logging.basicConfig(level=log_level, format="%(asctime)s %(levelname)s detect: %(message)s", stream=sys.stderr)
@@ -270,7 +418,7 @@ def detect_main(settings_data: dict[str, Any], inference_endpoint: str, events_e
     guard = OrphanGuard(temp_folder).start()
     try:
         worker = DetectWorker(Settings(**settings_data), inference_endpoint, events_endpoint, control_endpoint,
-                              first_track_ids=first_track_ids)
+                              first_track_ids=first_track_ids, options=DetectOptions(**(options or {})))
         guard.attach(worker.orphan)
         signal.signal(signal.SIGTERM, worker.stop)
         worker.run()

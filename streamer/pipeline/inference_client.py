@@ -63,7 +63,7 @@ class InferenceMismatch(StreamerError):
 class Answered:
     batch: ChipBatch
     result: InferenceResult
-    crops: list[bytes] | None  # JPEG per face, only when crops are published
+    crops: list[bytes] | None  # JPEG per face, only when crops are published or a tap wants them
     waited_s: float = 0.0  # from send to answer: batching wait, model time and the link both ways
 
 
@@ -150,8 +150,11 @@ class InferenceClient:
         self.socket.send_multipart(self._hello, zmq.NOBLOCK)
 
     @classmethod
-    def from_settings(cls, settings, models, endpoint: str, *, context: zmq.Context | None = None) -> InferenceClient:  # noqa: ANN001
-        """For `settings` (keys, crops) and the embedder of `models` (a ModelFactory)."""
+    def from_settings(cls, settings, models, endpoint: str, *, context: zmq.Context | None = None,  # noqa: ANN001
+                      crops: bool = False) -> InferenceClient:
+        """For `settings` (keys, crops) and the embedder of `models` (a ModelFactory). `crops`: make face
+        crops even when they are not published (a tap in the supervisor wants them; `include_crops` may be
+        switched later too)."""
         spec = models.embedder_spec
         keys = None
         if settings.inference.server_key is not None:
@@ -160,7 +163,7 @@ class InferenceClient:
             keys = ClientKeys.load(settings.inference.client_key, settings.inference.server_key)
         grace = LOCAL_CONNECT_GRACE_S if settings.inference.endpoint is None else REMOTE_CONNECT_GRACE_S
         return cls(endpoint, embedder=spec.id, sha256=models.embedder_sha256, heads=settings.attributes.enabled,
-                   chip_size=spec.chip_size, embedding_dim=spec.dim, include_crops=settings.publish.include_crops,
+                   chip_size=spec.chip_size, embedding_dim=spec.dim, include_crops=settings.publish.include_crops or crops,
                    connect_grace_s=grace, keys=keys, context=context)
 
     @property

@@ -6,7 +6,11 @@
     detect worker  <-- DEALER/ROUTER (ipc or tcp) -->  inference worker
 
 The supervisor stamps `seq` on every event, so a restarted worker never makes subscribers see seq
-start over. SIGINT/SIGTERM become a graceful drain: the detect worker finishes in-flight inference,
+start over. For `streamer serve` it also takes calls from other threads (the HTTP server's): taps on
+every published event, streams added and removed at run time, and live tiles of the streams someone
+watches (`supervisor.frames`, a `live.FrameHub`); what must reach the detect worker goes on a commands
+channel (PUSH -> PULL), sent from the supervisor's own thread, since ZeroMQ sockets are not thread-safe.
+ SIGINT/SIGTERM become a graceful drain: the detect worker finishes in-flight inference,
 ends every track, publishes the final stream status, and everything exits 0.
 
 Inference going down or coming back (the detect worker's `pipeline.status` events) is published once per
@@ -26,19 +30,23 @@ import shutil
 import signal
 import sys
 import tempfile
+import threading
 import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import zmq
 
-from streamer.config import Settings
-from streamer.errors import StreamerError
+from streamer.config import Settings, SourceSettings
+from streamer.errors import ConfigError, InputError, SourceError, StreamerError
 from streamer.logutil import RateLimitedLog
 from streamer.sockets import SocketDefaults, SocketKind, make_socket
+
+if TYPE_CHECKING:
+    from streamer.pipeline.live import StreamView
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +54,9 @@ MAX_RESTARTS = 5  # within RESTART_WINDOW_S; beyond that the failure is not tran
 RESTART_WINDOW_S = 60.0
 STOP_GRACE_S = 20.0
 OWNER_FILE = "owner"  # in the temporary folder: "<pid> <start time>" of the supervisor that made it
+MAX_SOURCES = 256  # as settings.sources: each source is a decoder thread and its buffers
+WATCH_RENEW_S = 1.0  # a watched stream's Watch is sent again this often...
+WATCH_TTL_S = 5.0  # ...and lapses in the worker this long after the last one
 
 
 class PipelineFailed(StreamerError):
@@ -182,8 +193,12 @@ class Supervisor:
         print_events: bool = False,
         log_level: int | None = None,
         stop_on_status: frozenset[str] = frozenset(),
+        keep_running: bool = False,
     ) -> None:
+        """`keep_running` (`streamer serve`): the pipeline idles without sources, waiting for some to be
+        added, instead of ending when the last one ends."""
         from streamer.models.factory import ModelFactory
+        from streamer.pipeline.live import FrameHub
         from streamer.publish.publisher import EventPublisher
 
         self.settings = settings
@@ -193,9 +208,31 @@ class Supervisor:
         self.progress = progress
         self.print_events = print_events
         self.stop_on_status = stop_on_status  # e.g. {"lost"}: the bench replays a clip once as a camera
+        self.keep_running = keep_running
+        # What other threads may touch (streamer serve): the sources, the latest stream numbers, the taps.
+        self._lock = threading.Lock()
+        self._sources: dict[str, SourceSettings] = {}
+        for index, source in enumerate(settings.sources):
+            stream = source.id or f"cam{index}"
+            if stream in self._sources:
+                raise ConfigError(f"sources: stream id {stream!r} is used twice: give each source its own id")
+            self._sources[stream] = source.model_copy(update={"id": stream})
+        self._stream_stats: dict[str, Any] = {}  # stream -> StreamStats, from the detect worker's last stats
+        self._stream_status: dict[str, tuple[str, str]] = {}  # stream -> (status, detail) last published
+        self._taps: tuple[Callable[[Any, bytes | None], None], ...] = ()
+        self._crops = False  # a tap wants face crops
+        self._outbox: deque[Any] = deque()  # commands for the detect worker, sent from the supervisor thread
+        self._watch_sent: dict[str, float] = {}  # stream -> when its Watch was last sent
+        self.frames = FrameHub()
         self.log_level = log_level if log_level is not None else logging.getLogger().getEffectiveLevel()
         # Every model the run needs resolves now: a missing one is one line before anything is spawned.
         ModelFactory(settings).resolve_all(heads=settings.inference.endpoint is None)
+        from streamer.match.strangers import StrangerBook
+
+        # Stranger ids (u-17): this process sees every identity event of every stream, so one book here
+        # clusters unknown tracks across all of them. A strangers file of another embedder fails here.
+        self.strangers = StrangerBook.from_settings(settings.recognition, ModelFactory(settings).embedder_spec)
+        self.admin = None  # the local admin channel (`gallery promote`), made last: it starts a thread
         sweep_stale_folders()
         self._tmp = tempfile.TemporaryDirectory(prefix="streamer-")
         started = _process_start_time(os.getpid())
@@ -229,6 +266,15 @@ class Supervisor:
                                   bind=self.events_endpoint, max_message_bytes=SocketDefaults.MAX_MESSAGE_BYTES)
         self.control = make_socket(self.context, SocketKind.PULL, hwm=SocketDefaults.EVENT_HWM,
                                    bind=self.control_endpoint, max_message_bytes=1 << 20)
+        from streamer.pipeline.detect_worker import LIVE_HWM
+        from streamer.pipeline.messages import MAX_LIVE_FRAME_BYTES
+
+        self.commands_endpoint = f"ipc://{self._tmp.name}/commands"
+        self.frames_endpoint = f"ipc://{self._tmp.name}/frames"
+        self.commands = make_socket(self.context, SocketKind.PUSH, hwm=SocketDefaults.EVENT_HWM,
+                                    bind=self.commands_endpoint)
+        self.frames_socket = make_socket(self.context, SocketKind.PULL, hwm=LIVE_HWM, bind=self.frames_endpoint,
+                                         max_message_bytes=MAX_LIVE_FRAME_BYTES + (64 << 10))
         self.tracks = TrackBook()
         from streamer.pipeline.report import RunReport
 
@@ -246,11 +292,8 @@ class Supervisor:
                 lambda: (settings_data, self.inference_endpoint, self.control_endpoint, self.log_level,
                          self._tmp.name),
             )
-        self.detect = _Worker(
-            "detect", detect_main,
-            lambda: (settings_data, self.inference_endpoint, self.events_endpoint, self.control_endpoint,
-                     self.tracks.next_ids(), self.log_level, self._tmp.name),
-        )
+        self._settings_data = settings_data
+        self.detect = _Worker("detect", detect_main, self._detect_args)  # a restarted one gets today's sources
         self._last_heartbeat = time.monotonic()
         self._bars: dict[str, Any] = {}
         # What subscribers were last told about inference ("up" until told otherwise), and whether it ever worked.
@@ -259,8 +302,98 @@ class Supervisor:
         # one, in order on the events channel; stats travel on the control channel and may lag it, so the
         # heartbeat takes the state from here once there is one.
         self._inference: tuple[str, str] | None = None
+        if settings.gallery.path is not None:  # `gallery promote u-17 NAME --gallery PATH` finds us by the path
+            from streamer.pipeline.admin import AdminServer
+
+            self.admin = AdminServer(self.strangers, self._tmp.name, settings.gallery.path, context=self.context)
 
     # -- public ----------------------------------------------------------------------------------------
+    def add_tap(self, fn: Callable[[Any, bytes | None], None], wants_crops: bool = False) -> None:
+        """`fn(sent_event, crop)` for every published event (heartbeats too), on the supervisor thread, with
+        the event as published (seq stamped) and, for identity events when crops are made, the face JPEG.
+        It must be quick (enqueue, return); an exception in it is logged, never stops the run.
+        `wants_crops`: make crops for this tap although they are not published (the public socket, MQTT and
+        webhooks still get them only under publish.include_crops). Any thread; best before run()."""
+        with self._lock:
+            self._taps = (*self._taps, fn)
+            if wants_crops and not self._crops:
+                from streamer.pipeline.messages import SetCrops
+
+                self._crops = True
+                self._outbox.append(SetCrops(on=True))  # a worker already running; a new one is told at start
+
+    def streams(self) -> list[StreamView]:
+        """Every current source, as of the detect worker's last numbers (any thread)."""
+        from streamer.pipeline.live import StreamView, redact_url
+
+        with self._lock:
+            sources = list(self._sources.items())
+            stats = dict(self._stream_stats)
+            statuses = dict(self._stream_status)
+        views = []
+        for stream, source in sources:
+            info = stats.get(stream)
+            status, detail = statuses.get(stream, ("connecting", ""))
+            views.append(StreamView(
+                id=stream, url=redact_url(source.url), status=status,  # type: ignore[arg-type]
+                fps=info.fps if info else 0.0, frames=info.frames if info else 0,
+                dropped=info.dropped if info else 0, reconnects=info.reconnects if info else 0,
+                live=_is_live(source), detail=detail,
+            ))
+        return views
+
+    def add_source(self, source: SourceSettings | dict[str, Any]) -> str:
+        """Start a stream at run time (any thread); its id (the one given, else the first free camN).
+        InputError for a bad source, an id in use or too many sources."""
+        from pydantic import ValidationError
+
+        from streamer.pipeline.messages import AddSource
+        from streamer.sources import parse_url
+
+        if not isinstance(source, SourceSettings):
+            try:
+                source = SourceSettings.model_validate(source)
+            except ValidationError as exc:
+                error = exc.errors()[0]
+                where = ".".join(str(part) for part in error["loc"]) or "source"
+                raise InputError(f"{where}: {error['msg']}") from None
+        try:
+            parsed = parse_url(source.url)
+        except SourceError as exc:
+            raise InputError(str(exc)) from None
+        if parsed.kind == "file" and not Path(parsed.target).is_file():
+            raise InputError(f"source {source.url!r}: no such video file here (give a path on the machine "
+                             "streamer runs on, or an rtsp:// or http:// URL)")
+        with self._lock:
+            if len(self._sources) >= MAX_SOURCES:
+                raise InputError(f"{MAX_SOURCES} sources at most: remove one before adding another")
+            stream = source.id or next(f"cam{n}" for n in range(len(self._sources) + 1)
+                                       if f"cam{n}" not in self._sources)
+            if stream in self._sources:
+                raise InputError(f"stream id {stream!r} is in use: choose another id or remove that stream first")
+            source = source.model_copy(update={"id": stream})
+            self._sources[stream] = source
+            self._stream_status.pop(stream, None)
+            self._outbox.append(AddSource(source=source))
+        log.info("source %s added: %s", stream, _redacted(source.url))
+        return stream
+
+    def remove_source(self, stream_id: str) -> None:
+        """Stop a stream at run time (any thread): its tracks end and it publishes stream.status ended.
+        InputError when there is no such stream."""
+        from streamer.pipeline.messages import RemoveSource
+
+        with self._lock:
+            if stream_id not in self._sources:
+                known = ", ".join(sorted(self._sources)) or "none"
+                raise InputError(f"no stream {stream_id!r} (streams: {known})")
+            del self._sources[stream_id]
+            self._stream_stats.pop(stream_id, None)
+            self._stream_status.pop(stream_id, None)
+            self._outbox.append(RemoveSource(stream=stream_id))
+        self.frames.forget(stream_id)
+        log.info("source %s removed", stream_id)
+
     def request_stop(self, *_: object) -> None:
         if not self.stopping:
             self.stopping = True
@@ -274,6 +407,7 @@ class Supervisor:
         try:
             while True:
                 self._pump(timeout_ms=50)
+                self._send_commands()
                 self.metrics.set_processes(self._pids())
                 self._maybe_heartbeat()
                 if self.fatal:
@@ -306,12 +440,18 @@ class Supervisor:
                 self.inference.join(5)
             for bar in self._bars.values():
                 bar.close()
+            self.frames.close()
             self.events.close()
             self.control.close()
+            self.commands.close()
+            self.frames_socket.close()
             self.publisher.close()
             self.sinks.close()  # bounded (2 s in all): MQTT says "offline" on the way out
             if self.metrics_server is not None:
                 self.metrics_server.close()
+            if self.admin is not None:
+                self.admin.close()
+            self.strangers.close()
             self._tmp.cleanup()
 
     # -- internals ------------------------------------------------------------------------------------------
@@ -330,6 +470,8 @@ class Supervisor:
                 self._publish(StreamStatus(stream=stream, status="lost",
                                            detail=f"detect worker crashed (exit code {code}); restarting"))
         self.summary.restarts[worker.name] += 1
+        if worker is self.detect:
+            self._watch_sent.clear()  # the new worker watches nothing yet: tell it at once
         worker.start()
 
     def _pump(self, timeout_ms: int, until_idle: bool = False) -> None:
@@ -338,7 +480,10 @@ class Supervisor:
         poller = zmq.Poller()
         poller.register(self.events, zmq.POLLIN)
         poller.register(self.control, zmq.POLLIN)
+        poller.register(self.frames_socket, zmq.POLLIN)
         while ready := dict(poller.poll(timeout_ms)):
+            if self.frames_socket in ready:
+                self._receive_frames()
             if self.control in ready:
                 for frames in _drain(self.control):
                     try:
@@ -374,9 +519,74 @@ class Supervisor:
         self._inference_ever_up = self._inference_ever_up or message.inference_ever_up
         self.summary.first_frame_at = self.summary.first_frame_at or message.first_frame_at
         self.summary.frames = sum(s.frames for s in message.streams.values())
+        with self._lock:
+            self._stream_stats = {stream: info for stream, info in message.streams.items() if stream in self._sources}
         for stream, info in message.streams.items():
             self.tracks.reported(stream, info.next_track_id)
         self._update_progress(stats)
+
+    def _detect_args(self) -> tuple:
+        from streamer.pipeline.messages import DetectOptions
+
+        with self._lock:
+            sources = [source.model_dump(mode="json") for source in self._sources.values()]
+            crops = self._crops
+        options = DetectOptions(commands_endpoint=self.commands_endpoint, frames_endpoint=self.frames_endpoint,
+                                crops=crops, keep_running=self.keep_running)
+        return (dict(self._settings_data, sources=sources), self.inference_endpoint, self.events_endpoint,
+                self.control_endpoint, self.tracks.next_ids(), self.log_level, self._tmp.name,
+                options.model_dump())
+
+    def _send_commands(self) -> None:
+        """What other threads queued for the detect worker, and the watches of the streams someone watches.
+        A command the worker cannot take yet (starting, restarting) stays queued; a restarted worker gets
+        the current sources with its arguments, so a command lost with a dying one loses nothing."""
+        from streamer.pipeline.messages import AddSource, Watch, command_frames
+
+        while self._outbox:
+            command = self._outbox[0]
+            if isinstance(command, AddSource):  # ids of a stream added again go on where they were
+                first = self.tracks.next_ids().get(command.source.id or "", 1)
+                command = command.model_copy(update={"first_track_id": first})
+            frames = command if isinstance(command, list) else command_frames(command)
+            try:
+                self.commands.send_multipart(frames, zmq.NOBLOCK)
+            except zmq.Again:
+                break
+            self._outbox.popleft()
+        now = time.monotonic()
+        with self._lock:
+            watched = self.frames.watched() & self._sources.keys()
+        for stream in watched:
+            due = now - self._watch_sent.get(stream, float("-inf")) >= WATCH_RENEW_S
+            if due and self._command(Watch(stream=stream, ttl_s=WATCH_TTL_S)):
+                self._watch_sent[stream] = now
+        for stream in [s for s in self._watch_sent if s not in watched]:
+            del self._watch_sent[stream]
+            self._command(Watch(stream=stream, active=False))  # lost: it lapses in WATCH_TTL_S anyway
+
+    def _command(self, command: Any) -> bool:
+        from streamer.pipeline.messages import command_frames
+
+        try:
+            self.commands.send_multipart(command_frames(command), zmq.NOBLOCK)
+            return True
+        except zmq.Again:
+            return False
+
+    def _receive_frames(self) -> None:
+        from streamer.pipeline.messages import parse_live_frame
+
+        for frames in _drain(self.frames_socket):
+            try:
+                meta, jpeg = parse_live_frame(frames)
+            except ValueError as exc:
+                self._log.warning("frame", "dropping an invalid live frame: %s", _first_line(exc))
+                continue
+            with self._lock:
+                known = meta.stream in self._sources
+            if known:  # not one of a stream removed meanwhile
+                self.frames.put(meta.stream, meta.frame, meta.pts, meta.decoded_at, meta.encoded_at, jpeg)
 
     def _pids(self) -> dict[str, int | None]:
         pids: dict[str, int | None] = {"supervisor": os.getpid()}
@@ -430,8 +640,19 @@ class Supervisor:
             sys.stderr.flush()
 
     def _publish(self, event: Any, crop: bytes | None = None, decoded_at: float | None = None) -> None:
+        event = self.strangers.observe(event, crop)  # unknown identities get their stranger id (u-17)
         sent = self.publisher.publish(event, crop=crop)
-        self.sinks.publish(sent, crop)  # enqueues only: a sink never makes the pipeline wait
+        # Enqueues only: a sink never makes the pipeline wait. A crop made only for a tap stays in here.
+        self.sinks.publish(sent, crop if self.publisher.include_crops else None)
+        for tap in self._taps:
+            try:
+                tap(sent, crop)
+            except Exception as exc:  # noqa: BLE001 - a tap's bug must not stop the pipeline
+                self._log.warning(f"tap-{id(tap)}", "an event tap failed: %s", _first_line(exc))
+        if event.kind == "stream.status":
+            with self._lock:
+                if event.stream in self._sources:
+                    self._stream_status[event.stream] = (event.status, event.detail)
         self.metrics.observe_event(sent)
         self.metrics.publish_dropped = self.publisher.dropped
         self.tracks.observe(event)
@@ -543,6 +764,23 @@ def _drain(socket: zmq.Socket) -> list[list[bytes]]:
             messages.append(socket.recv_multipart(zmq.NOBLOCK))
         except zmq.Again:
             return messages
+
+
+def _is_live(source: SourceSettings) -> bool:
+    from streamer.sources import parse_url
+
+    if source.live is not None:
+        return source.live
+    try:
+        return parse_url(source.url).live
+    except SourceError:
+        return False
+
+
+def _redacted(url: str) -> str:
+    from streamer.pipeline.live import redact_url
+
+    return redact_url(url)
 
 
 def _first_line(exc: Exception) -> str:

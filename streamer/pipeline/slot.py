@@ -52,6 +52,7 @@ class StreamSlot:
         self.connected_once = False
         self.first_failure: str | None = None  # why the very first connection attempt failed
         self.warned_unreachable = False
+        self.live_frames = 0  # tiles sent while someone watched
 
     def apply(self, step: Step) -> list[Event]:
         """Keep the recogniser's live tracks in step with the processor's; the step's events."""
@@ -78,14 +79,15 @@ class StreamSlot:
                 events.extend(self.apply(self.processor.end_all("source_lost")))
         return events
 
-    def end(self, stopped: bool) -> list[Event]:
-        """Every remaining track ends, then the stream (once)."""
+    def end(self, stopped: bool, detail: str | None = None) -> list[Event]:
+        """Every remaining track ends, then the stream (once). `detail` overrides the status's (e.g.
+        "removed" for a source taken away at run time)."""
         if self.ended:
             return []
         events = self.status_events()
         events.extend(self.apply(self.processor.end_all("stopped" if stopped else "end_of_input")))
         note = getattr(self.source, "end_note", None)  # e.g. "file truncated at 1.6 s of 4.8 s"
-        detail = "stopped" if stopped else "end of input" + (f": {note}" if note else "")
+        detail = detail or ("stopped" if stopped else "end of input" + (f": {note}" if note else ""))
         events.append(StreamStatus(stream=self.id, status="ended", detail=detail))
         self.ended = True
         return events
@@ -100,6 +102,7 @@ class StreamSlot:
             reconnects=int(stats.reconnects),
             total_frames=self.source.total_frames,
             next_track_id=self.processor.next_track_id,
+            live_frames=self.live_frames,
         )
 
 

@@ -30,7 +30,9 @@ While it is down, tracks and stream events go on but no face is recognised. Ever
 down, else "").
 
 `embedding` (identity) and `crop` are privacy-sensitive: they are absent from the payload unless the user turned
-them on, and the publisher is the one place that enforces it.
+them on, and the publisher is the one place that enforces it. (Between streamer's own processes an unknown
+track's identity always carries the track's embedding: the supervisor clusters strangers with it and gives the
+event its `stranger` id, "u-17", before publishing.)
 """
 
 from __future__ import annotations
@@ -215,7 +217,20 @@ class Identity(FaceEvent):
     votes: dict[str, int] = Field(description='recognitions of this track per name ("unknown" for no match)')
     embedding: list[float] | None = Field(
         None,
-        description="L2-normalised face embedding, present only when embeddings are enabled",
+        max_length=4096,
+        description="face embedding, present only when embeddings are enabled (for an unknown track: the "
+        "track's quality-weighted mean)",
+    )
+    quality: Float | None = Field(
+        None, ge=0, le=1,
+        description="face quality (size x frontalness x sharpness, 0..1) of the best face that voted; null when not "
+        "measured",
+    )
+    stranger: str | None = Field(
+        None,
+        pattern=r"^u-[1-9][0-9]{0,9}$",
+        description='for an unknown face: its stranger id ("u-17"), the same whenever this stranger comes back, '
+        "on any stream of this run; null for a known face or when no id was given",
     )
 
 

@@ -209,6 +209,10 @@ class Sinks:
 
                 for index, hook in enumerate(publish.webhooks):
                     sinks.append(WebhookSink(hook, name=f"webhook{index}"))
+            if publish.nats is not None:
+                from streamer.publish.nats import NatsSink
+
+                sinks.append(NatsSink(publish.nats))  # a new publisher id per run: seq restarts with it
         except BaseException:
             cls(sinks).close(0.5)
             raise

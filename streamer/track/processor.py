@@ -13,7 +13,7 @@ import numpy as np
 
 from streamer.publish.events import Event, TrackEnded, TrackEndReason, TrackStarted, TrackUpdated
 from streamer.track.bytetrack import ByteTracker, IdCounter, TrackInfo
-from streamer.track.gate import InferenceGate
+from streamer.track.gate import InferenceGate, face_quality
 from streamer.track.scenecut import SceneCutDetector
 from streamer.types import Faces, Frame, rounded_box
 
@@ -37,11 +37,16 @@ class ChipBatch:
     tracks: tuple[int, ...]
     boxes: np.ndarray  # (n, 4) float32, frame pixels
     arrays: Mapping[str, np.ndarray]  # "chips" and one crop array per attribute head, n rows each
+    # (n,) float32 face quality (streamer.track.gate.face_quality) per row: the recogniser withholds votes of
+    # faces below recognition.min_quality. None: not measured (every face counts).
+    quality: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         n = len(self.tracks)
         if self.boxes.shape != (n, 4):
             raise ValueError(f"ChipBatch: boxes must be ({n}, 4), got {self.boxes.shape}")
+        if self.quality is not None and self.quality.shape != (n,):
+            raise ValueError(f"ChipBatch: quality must be ({n},), got {self.quality.shape}")
         for name, array in self.arrays.items():
             if len(array) != n:
                 raise ValueError(f"ChipBatch: {name} has {len(array)} rows for {n} tracks")
@@ -151,6 +156,8 @@ class StreamProcessor:
                 tracks=tuple(int(t) for t in chosen.track_ids),
                 boxes=chosen.boxes,
                 arrays=dict(self.prepare(frame.image, chosen)),
+                # Measured again here (the gate keeps only each track's best): a few small crops per frame.
+                quality=face_quality(frame.image, chosen),
             )
         self.last_detections, self.last_tracked = detections, faces
         return Step(events=events, chips=chips, ended=ended, detections=detections, tracked=faces)
