@@ -5,7 +5,7 @@ VENV   ?= .venv
 RUNTIME ?= cpu
 BIN := $(VENV)/bin
 
-.PHONY: setup demo test bench soak clean
+.PHONY: setup demo console test bench soak clean
 
 $(BIN)/streamer: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -24,6 +24,15 @@ demo: setup
 	$(BIN)/streamer gallery add "Eileen Collins" sample_videos/astronaut.jpg --gallery out/demo-gallery.db --allow-download
 	$(BIN)/streamer run sample_videos/astronaut.mp4 --gallery out/demo-gallery.db \
 		--output out/astronaut-annotated.mp4 --print-events --allow-download
+
+# The web console on the sample clip as a looped live camera: http://127.0.0.1:8080. The first start
+# prints the admin token once; later, make another with
+# `.venv/bin/streamer tokens create --gallery out/demo-gallery.db`.
+console: setup
+	@mkdir -p out
+	@test -f out/demo-gallery.db || $(BIN)/streamer gallery add "Eileen Collins" sample_videos/astronaut.jpg \
+		--gallery out/demo-gallery.db --allow-download
+	$(BIN)/streamer serve --config configs/console.yaml --gallery out/demo-gallery.db --allow-download
 
 test: setup
 	$(BIN)/python -m pytest -q
