@@ -358,12 +358,10 @@ def cmd_gallery(args: argparse.Namespace) -> int:
 def _cmd_gallery_promote(args: argparse.Namespace) -> int:
     """Enrol a stranger's best faces (u-17) under NAME: asked of the running pipeline that matches against
     this gallery (its admin channel), else read from recognition.strangers_file when that is set."""
-    import hashlib
-
     import numpy as np
 
     from streamer.match.open import open_gallery
-    from streamer.match.strangers import StrangerStore, stranger_number
+    from streamer.match.strangers import StrangerStore, enrol_stranger, stranger_number
     from streamer.pipeline import admin
 
     try:
@@ -405,12 +403,8 @@ def _cmd_gallery_promote(args: argparse.Namespace) -> int:
         raise InputError(f"gallery promote: no running pipeline with this gallery ({path}) and no "
                          "recognition.strangers_file: strangers live in a running `streamer run --gallery "
                          f"{path}` only")
-    vectors = np.stack([v for v, _ in faces])
-    # The vector's bytes are its content: promoting the same stranger twice adds nothing the second time.
-    hashes = [hashlib.sha256(v.astype(np.float32).tobytes()).hexdigest() for v, _ in faces]
-    sources = [f"stranger {args.stranger} ({stream})" for _, stream in faces]
     with open_gallery(path, create=True) as gallery:
-        done, = gallery.enrol([(args.name, vectors, sources, hashes)], embedder)
+        done = enrol_stranger(gallery, args.name, args.stranger, faces, embedder)
     _report_duplicates(done.duplicates, f"already enrolled for {done.person.name}")
     print(f"enrolled {done.person.name}: {done.added} face(s) of stranger {args.stranger}", file=sys.stderr)
     # The stranger is a person now: its id is done (a running pipeline names the next sighting after its reload).
@@ -675,12 +669,39 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from streamer.pipeline.bench import format_report, run_bench
 
     settings = _settings(args)
+    if args.streams is not None:  # many live copies per detect-worker count, instead of the five passes
+        from streamer.pipeline.bench import format_streams_report, streams_bench
+
+        result = streams_bench(settings, args.source, args.streams, args.workers or ["auto"],
+                               max_frames=args.frames)
+        if args.json:
+            _emit(result)
+        else:
+            print(format_streams_report(result))
+        return 0
     result = run_bench(settings, args.source, max_frames=args.frames, live=args.live)
     if args.json:
         _emit(result)
     else:
         print(format_report(result))
     return 0
+
+
+def _worker_counts(text: str) -> list[int | str]:
+    """--workers 1,2,auto: detect-worker counts for `bench --streams`."""
+    from streamer.config import MAX_DETECT_WORKERS
+
+    counts: list[int | str] = []
+    for part in text.split(","):
+        part = part.strip().lower()
+        if part == "auto":
+            counts.append(part)
+        elif part.isdigit() and 1 <= int(part) <= MAX_DETECT_WORKERS:
+            counts.append(int(part))
+        else:
+            raise argparse.ArgumentTypeError(f"expected counts from 1 to {MAX_DETECT_WORKERS} or auto, "
+                                             f"comma-separated (e.g. 1,2), got {text!r}")
+    return counts
 
 
 # -- parser -------------------------------------------------------------------------------------------
@@ -1083,6 +1104,13 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_false",
         help="skip the pass that replays the clip as a live camera (only the file pass's latency is shown)",
     )
+    p.add_argument("--streams", type=_whole_number("e.g. --streams 4"), metavar="K",
+                   help="instead: play 1..K copies of the clip as live cameras at once, per detect-worker count, "
+                   "and report how many hold real time (under 1%% of frames dropped) and the p95 latency per "
+                   "event kind")
+    p.add_argument("--workers", type=_worker_counts, metavar="N,N",
+                   help="with --streams: the detect-worker counts to measure, e.g. 1,2 (default: auto, "
+                   "pipeline.detect_workers' rule)")
     p.add_argument("--json", action="store_true", help="the report as JSON on stdout")
     p.set_defaults(func=cmd_bench)
     return parser

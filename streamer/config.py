@@ -62,8 +62,22 @@ class DetectorSettings(_Section):
     # YuNet through onnxruntime gives the same faces as cv2.FaceDetectorYN (tested) at ~2.4x the speed on
     # CPU; "opencv" keeps OpenCV's own implementation.
     backend: Literal["onnxruntime", "opencv"] = "onnxruntime"
+    # Adaptive detection (streamer.track.processor): every `interval`-th frame while a track is new or
+    # uncertain, every `max_interval`-th while every track is stable; the Kalman filter predicts in between.
     interval: int = Field(
-        1, ge=1, le=10, description="streams: detect on every n-th frame, the tracker predicts in between"
+        1, ge=1, le=10,
+        description="streams: detect on every n-th frame while a track is new or uncertain, predict in between",
+    )
+    max_interval: int | None = Field(
+        None, ge=1, le=30,
+        description="streams: detect only every n-th frame while every track is stable (newcomers are found "
+        "within n frames); unset: the same as interval",
+    )
+    # 5: the Kalman filter has learnt about 80% of a face's speed by then (50% after 3), so the boxes it
+    # predicts while detection pauses stay on the face.
+    stable_hits: int = Field(
+        5, ge=1, le=1000,
+        description="detections in a row, at a high score, before a track counts as stable (see max_interval)",
     )
     score_threshold: float = Field(0.6, gt=0.0, lt=1.0)
     nms_threshold: float = Field(0.3, gt=0.0, lt=1.0)
@@ -72,6 +86,12 @@ class DetectorSettings(_Section):
         20, ge=0, le=8192, description="drop faces smaller than this (pixels, shorter box side)"
     )
 
+    @model_validator(mode="after")
+    def _intervals_ordered(self) -> DetectorSettings:
+        if self.max_interval is not None and self.max_interval < self.interval:
+            raise ValueError(f"max_interval ({self.max_interval}) must be at least interval ({self.interval})")
+        return self
+
 
 class EmbedderSettings(_Section):
     name: str = "dlib_resnet"  # a registry model name, or "arcface" with models.paths.arcface set
@@ -79,6 +99,13 @@ class EmbedderSettings(_Section):
     # Off: measured no gain for dlib's ResNet and more wrong accepts at its threshold (see
     # EmbedderSpec.flip_average). Same embedder id either way, so galleries stay usable.
     flip_average: bool = Field(False, description="embed each face and its mirror image, average the two")
+    # A second detector pass on a view cut with the first alignment finds tilted faces' landmarks again
+    # (streamer.infer.align.redetect_landmarks): on the shared pairs 99.30% -> 99.58% at the same threshold,
+    # rotated copies 98.75% -> 99.17%, never worse. It costs about one more embedding per face, small next to
+    # detecting on a whole photo but not next to a 30 fps stream, hence images only by default.
+    redetect: Literal["off", "images", "all"] = Field(
+        "images", description="refine landmarks with a second detector pass: off, images (verify/find/enrol), all"
+    )
 
 
 class AttributeSettings(_Section):
@@ -756,11 +783,43 @@ class ServeSettings(_Section):
     live_fps: float = Field(5, gt=0, le=30, description="most frames a second a live tile is sent")
     live_max_width: int = Field(960, ge=160, le=3840, description="live tiles are downscaled to this width")
     login_attempts_per_minute: int = Field(10, ge=1, le=10_000, description="failed logins allowed per client a minute")
+    # HTTPS: both files or neither (PEM; the key unencrypted). Beyond loopback plain HTTP is refused unless
+    # allow_plain_http: the token, the session cookie, face thumbnails and names would cross the network in clear.
+    tls_cert_file: Path | None = Field(None, description="certificate chain (PEM) to serve HTTPS with")
+    tls_key_file: Path | None = Field(None, description="the certificate's private key (PEM, not encrypted)")
+    allow_plain_http: bool = Field(False, description="serve plain HTTP beyond loopback (only behind a TLS proxy)")
 
     @field_validator("token_store")
     @classmethod
     def _expand_store(cls, value: Path | None) -> Path | None:
         return None if value is None else value.expanduser()
+
+    @field_validator("tls_cert_file", "tls_key_file")
+    @classmethod
+    def _tls_file(cls, value: Path | None) -> Path | None:
+        if value is None:
+            return None
+        value = value.expanduser()
+        if not value.is_file():
+            raise ValueError(f"{value} is not a file")
+        return value
+
+    @model_validator(mode="after")
+    def _tls_beyond_loopback(self) -> ServeSettings:
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            # ConfigError, not ValueError: pydantic would append the whole section to the sentence.
+            raise ConfigError("serve.tls_cert_file and serve.tls_key_file go together: set both (HTTPS) or neither")
+        if self.tls_cert_file is None and not self.allow_plain_http and not _is_loopback_host(self.host_port[0]):
+            raise ConfigError(
+                f"serve.bind {self.bind} listens beyond loopback without TLS, so tokens and faces would cross the "
+                "network in clear: set serve.tls_cert_file and serve.tls_key_file, or serve.allow_plain_http: true "
+                "if a TLS proxy sits in front"
+            )
+        return self
+
+    @property
+    def tls(self) -> bool:
+        return self.tls_cert_file is not None
 
     @field_validator("bind")
     @classmethod
@@ -780,6 +839,31 @@ class ServeSettings(_Section):
     def host_port(self) -> tuple[str, int]:
         host, _, port = self.bind.rpartition(":")
         return host.strip("[]"), int(port)
+
+
+MAX_DETECT_WORKERS = 64
+
+
+class PipelineSettings(_Section):
+    """How the pipeline spreads its streams over processes on this host."""
+
+    # One process decodes and detects a shard of the streams; each shares the inference worker(s), so
+    # batches still fill across all streams. "auto": one per core but one (left for the inference worker
+    # and the supervisor), never more than there are streams.
+    detect_workers: Literal["auto"] | int = Field(
+        "auto", description="detect-worker processes: auto (follow the cores) or a number from 1 to 64"
+    )
+
+    @field_validator("detect_workers", mode="before")
+    @classmethod
+    def _auto_or_count(cls, value: Any) -> Any:
+        # Checked here, once: the union's own errors would name both of its branches.
+        text = str(value).strip().lower()
+        if text == "auto":
+            return "auto"
+        if isinstance(value, bool) or not text.isdigit() or not 1 <= int(text) <= MAX_DETECT_WORKERS:
+            raise ValueError(f"expected auto or a number from 1 to {MAX_DETECT_WORKERS}")
+        return int(text)
 
 
 class OutputSettings(_Section):
@@ -815,6 +899,7 @@ class Settings(BaseSettings):
     limits: LimitsSettings = LimitsSettings()
     metrics: MetricsSettings = MetricsSettings()
     serve: ServeSettings = ServeSettings()
+    pipeline: PipelineSettings = PipelineSettings()
 
     @classmethod
     def settings_customise_sources(

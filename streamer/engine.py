@@ -190,7 +190,8 @@ class FaceEngine:
         return faces, self.embed_faces(bgr, faces)
 
     def embed_faces(self, image: np.ndarray, faces: Faces) -> np.ndarray:
-        chips = self.embedder.spec.prepare(image, faces)
+        redetect = self.detector.detect if self.settings.embedder.redetect != "off" else None
+        chips = self.embedder.spec.prepare(image, faces, redetect)
         return self.embedder.embed(chips)
 
     def embed_primary(self, image: ImageInput) -> tuple[Faces, np.ndarray]:

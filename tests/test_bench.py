@@ -149,3 +149,54 @@ def test_frames_must_be_positive(capsys):
 
     assert main(["bench", str(SAMPLE), "--frames", "0"]) == 2
     assert "--frames" in capsys.readouterr().err
+
+
+# -- --streams: many live copies per detect-worker count ----------------------------------------------------
+STREAM_FRAMES = 20
+
+
+@pytest.fixture(scope="module")
+def streams_bench(model_dir, cache_dir) -> dict:
+    """`streamer bench SAMPLE --streams 2 --workers 2 --frames 20 --json`."""
+    from streamer.cli import main
+
+    with pytest.MonkeyPatch.context() as patch:
+        captured: list[str] = []
+        patch.setattr("streamer.cli._emit", lambda obj: captured.append(json.dumps(obj)))
+        code = main(["bench", str(SAMPLE), "--streams", "2", "--workers", "2", "--frames", str(STREAM_FRAMES),
+                     "--json", "--model-dir", str(model_dir)])
+    assert code == 0
+    return json.loads(captured[0])
+
+
+def test_streams_bench_runs_each_stream_count(streams_bench):
+    assert streams_bench["clip"] == {"width": 1280, "height": 720, "fps": 30.0, "frames": 240}
+    assert streams_bench["frames_per_stream"] == STREAM_FRAMES
+    (entry,) = streams_bench["workers"]
+    runs = entry["runs"]
+    assert entry["detect_workers"] == 2 and runs[0]["streams"] == 1
+    assert runs[0]["detect_workers"] == 1, "never more workers than streams"
+    for run in runs:
+        assert set(run["per_stream"]) == {f"bench{i}" for i in range(run["streams"])}
+        for stream in run["per_stream"].values():
+            assert stream["frames"] == STREAM_FRAMES == stream["processed"] + stream["dropped"]
+        assert run["held"] == (run["worst_dropped_share"] < 0.01)
+        assert run["frames"] == STREAM_FRAMES * run["streams"]
+        assert "track.started" in run["latency_ms"]["by_kind"]
+    assert [run["streams"] for run in runs] == [1, 2] and runs[1]["detect_workers"] == 2
+    assert entry["held"] == max([run["streams"] for run in runs if run["held"]], default=0)
+
+
+def test_streams_bench_text_report(streams_bench):
+    from streamer.pipeline.bench import format_streams_report
+
+    text = format_streams_report(streams_bench)
+    assert "1280x720 at 30.0 fps" in text and "detect workers 2:" in text and "track.started" in text
+
+
+@pytest.mark.parametrize("bad", ["0", "x", "1,,2", "65"])
+def test_workers_must_be_counts(capsys, bad):
+    from streamer.cli import main
+
+    assert main(["bench", str(SAMPLE), "--streams", "2", "--workers", bad]) == 2
+    assert "--workers" in capsys.readouterr().err

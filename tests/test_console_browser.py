@@ -156,6 +156,8 @@ def page(browser, serve):
     page.set_default_timeout(15_000)
     errors: list[str] = []
     page.on("pageerror", lambda exc: errors.append(str(exc)))
+    # Whatever the Content-Security-Policy refuses (an inline script or style, an outside URL) is an error too.
+    page.on("console", lambda msg: errors.append(msg.text) if "Content Security Policy" in msg.text else None)
     yield page
     context.close()
     assert not errors, f"JavaScript errors on the page: {errors}"
@@ -180,6 +182,8 @@ def test_login_page_sets_an_httponly_cookie_and_keeps_the_token_nowhere(browser,
     context = browser.new_context(base_url=serve.url, viewport={"width": 1280, "height": 860})
     try:
         page = context.new_page()
+        refused: list[str] = []  # what the Content-Security-Policy blocked on the login page
+        page.on("console", lambda msg: refused.append(msg.text) if "Content Security Policy" in msg.text else None)
         page.goto("/")
         expect(page).to_have_url(re.compile(r"/login$"))  # no session: the console sends you to log in
         record("login_page_load", navigation_ms(page))
@@ -205,6 +209,7 @@ def test_login_page_sets_an_httponly_cookie_and_keeps_the_token_nowhere(browser,
         page.get_by_test_id("logout").click()
         expect(page).to_have_url(re.compile(r"/login$"))
         assert page.request.get("/api/v1/people").status == 401, "logging out left the session valid"
+        assert not refused, refused
     finally:
         context.close()
 
@@ -466,3 +471,54 @@ def test_live_tile_latency_from_decoded_to_shown(page, serve):
                       "said so"}
     record("live_tile_latency", result)
     assert result["median_ms_at_least"] < 2000, result
+
+
+def test_api_docs_render_offline(page, serve):
+    """/docs draws Swagger UI from files the server ships; any request beyond this server is refused here, as
+    at an offline site, and counted."""
+    outside: list[str] = []
+
+    def only_local(route: Any) -> None:
+        if route.request.url.startswith(serve.url):
+            route.continue_()
+        else:
+            outside.append(route.request.url)
+            route.abort()
+
+    page.route("**/*", only_local)
+    page.goto("/docs")
+    expect(page.locator(".swagger-ui .title")).to_contain_text("streamer", timeout=30_000)
+    expect(page.locator(".opblock-summary-path", has_text="/api/v1/strangers/{stranger_id}/promote")).to_be_visible()
+    page.wait_for_load_state("networkidle")
+    record("docs_page_load", navigation_ms(page))
+    shot(page, "docs")
+    assert outside == [], f"/docs reached beyond the server: {outside}"
+
+
+def test_strangers_listed_and_promoted_from_the_library(page, serve):
+    page.goto("/#/library")
+    # Unknown tracks carry the stranger id the pipeline gave them; the strangers list shows those ids.
+    expect(page.locator('article[data-testid^="unknown-"]').first).to_be_visible(timeout=START_S * 1000)
+    expect(page.get_by_test_id("strangers-section")).to_be_visible()
+    ids = page.locator('[data-testid^="unknown-stranger-"]').all_inner_texts()
+    assert any(re.fullmatch(r"u-\d+", text) for text in ids), ids
+    cards = page.locator('article[data-testid^="stranger-"]')
+    expect(cards.first).to_be_visible(timeout=60_000)
+    stranger = cards.first.get_attribute("data-testid").removeprefix("stranger-")
+    with serve.api() as client:
+        listed = {s["id"]: s for s in client.get("/api/v1/strangers").json()["strangers"]}
+    assert stranger in listed
+    if listed[stranger]["thumbnail"]:
+        page.wait_for_function(f"() => document.querySelector('[data-testid=\"stranger-thumb-{stranger}\"]')?.naturalWidth > 0")
+    shot(page.get_by_test_id("strangers-section"), "library-strangers")
+    page.get_by_test_id(f"stranger-name-{stranger}").fill("Stranger Promoted")
+    page.get_by_test_id(f"stranger-promote-{stranger}").click()
+    expect(page.get_by_test_id("person-Stranger Promoted")).to_be_visible(timeout=30_000)
+    expect(page.locator(".flash.ok")).to_contain_text(f"Enrolled {stranger} as Stranger Promoted")
+    expect(page.get_by_test_id(f"stranger-{stranger}")).to_have_count(0)
+    with serve.api() as client:
+        assert stranger not in {s["id"] for s in client.get("/api/v1/strangers").json()["strangers"]}
+        people = {p["name"]: p["faces"] for p in client.get("/api/v1/people").json()["people"]}
+        # At least one face; fewer than listed when a track sent the same embedding twice (enrolled once).
+        assert 1 <= people["Stranger Promoted"] <= 5  # recognition.stranger_faces
+        assert client.delete("/api/v1/people/Stranger Promoted").status_code == 204

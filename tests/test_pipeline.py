@@ -158,7 +158,7 @@ def test_hamilton_clip_names_lin_manuel_miranda(env, media_dir, lin_gallery):
     tracks = sorted(e.track for e in run.events if e.kind == "track.started")
     lines = [line for line in run.stderr.splitlines() if line.startswith("streamer: ")]
     assert lines[0] == f"streamer: publishing events on {run.endpoint} (watch them with: streamer subscribe {run.endpoint})"
-    assert f"streamer: 275 frames in " in lines[1] and lines[1].endswith(f", {len(tracks)} tracks")
+    assert "streamer: 275 frames in " in lines[1] and lines[1].endswith(f", {len(tracks)} tracks")
     his = sorted({e.track for e in named})
     assert any(line.startswith("streamer: recognised Lin-Manuel Miranda on track") and f"#{his[0]}" in line
                for line in lines), lines

@@ -16,6 +16,7 @@ import pytest
 from streamer import cli
 from streamer.config import load_settings
 from streamer.imaging import encode_jpeg, face_crop
+from streamer.match.strangers import StrangerBook
 from streamer.publish.events import Heartbeat, Identity, StreamStatus
 from streamer.serve.app import create_app
 from streamer.serve.auth import TokenStore
@@ -36,7 +37,8 @@ def served(tmp_path_factory, model_dir, cache_dir, media_dir):
     })
     tokens = TokenStore(root / "tokens.json")
     _, token = tokens.create("tester")
-    ctx = ServeContext(settings=settings, tokens=tokens)
+    # The supervisor's stranger book, without a pipeline: the tests feed it the way the supervisor does.
+    ctx = ServeContext(settings=settings, tokens=tokens, strangers=_book(settings))
     http = HttpServer(create_app(ctx), bind_socket("127.0.0.1", 0), ctx).start()
     with httpx.Client(base_url=http.url, headers={"Authorization": f"Bearer {token}"}, timeout=60) as client:
         # Models load on first use: load them now, so each test measures only itself.
@@ -44,6 +46,12 @@ def served(tmp_path_factory, model_dir, cache_dir, media_dir):
         assert client.post("/api/v1/represent", files=files).status_code == 200
         yield ctx, client
     http.stop()
+
+
+def _book(settings):
+    from streamer.models.factory import ModelFactory
+
+    return StrangerBook.from_settings(settings.recognition, ModelFactory(settings).embedder_spec)
 
 
 def _files(media_dir, **fields):
@@ -259,3 +267,87 @@ def test_events_ring_filters_and_websocket(served):
 
     backlog, live = asyncio.run(listen())
     assert backlog["seq"] == base + 3 and (live["seq"], live["name"]) == (base + 5, "Grace")
+
+
+def _stranger_face(ctx, media_dir, photo):
+    """(embedding, JPEG crop) of a photo's primary face, as the pipeline hands them to the stranger book."""
+    image = cv2.imread(str(media_dir / photo))
+    faces, vector = ctx.face_engine().embed_primary(image)
+    return vector, encode_jpeg(face_crop(image, faces.boxes[0]))
+
+
+def test_strangers_list_thumbnail_promote_and_forget(served, media_dir, tmp_path, monkeypatch, capsys):
+    ctx, client = served
+    book = ctx.strangers
+    obama, obama_crop = _stranger_face(ctx, media_dir, "face_recognition/examples/obama.jpg")
+    obama2, _ = _stranger_face(ctx, media_dir, "face_recognition/examples/obama2.jpg")
+    biden, _ = _stranger_face(ctx, media_dir, "face_recognition/examples/biden.jpg")
+    first = book.assign("door", 1, obama, 0.9, obama_crop)
+    assert book.assign("yard", 2, obama2, 0.7).startswith("u-")  # another camera; joins or not
+    other = book.assign("door", 3, biden, 0.8)  # no crop came with it
+    assert len({first, other}) == 2
+    ctx.tap(_identity(201, 1, None, (1.0, 2.0, 30.0, 40.0), stream="door").model_copy(update={"stranger": first}),
+            obama_crop)
+    listed = client.get("/api/v1/strangers").json()["strangers"]
+    assert listed[0]["id"] == other and {first, other} <= {s["id"] for s in listed}
+    assert set(listed[0]) == {"id", "tracks", "streams", "first_seen", "last_seen", "faces", "quality", "thumbnail"}
+    assert "embedding" not in json.dumps(listed) and listed[0]["streams"] == ["door"]
+    assert abs(listed[0]["last_seen"] - time.time()) < 60 and listed[0]["thumbnail"] is False
+    thumb = client.get(f"/api/v1/strangers/{first}/thumbnail.jpg")
+    assert (thumb.status_code, thumb.headers["content-type"], thumb.content) == (200, "image/jpeg", obama_crop)
+    assert thumb.headers["cache-control"] == "no-store"
+    assert client.get(f"/api/v1/strangers/{other}/thumbnail.jpg").status_code == 404
+
+    expected = len(book.best_faces(first))
+    promoted = client.post(f"/api/v1/strangers/{first}/promote", json={"name": " Barack Stranger "})
+    assert (promoted.status_code, promoted.json()) == (201, {"name": "Barack Stranger", "added": expected,
+                                                             "duplicates": 0})
+    assert first not in {s["id"] for s in client.get("/api/v1/strangers").json()["strangers"]}
+    assert all(u["stranger"] != first for u in client.get("/api/v1/unknowns").json()["unknowns"])
+    found = client.post("/api/v1/find", files=_files(media_dir, img="face_recognition/examples/obama-480p.jpg"))
+    assert [f["name"] for f in found.json()["faces"]] == ["Barack Stranger"]
+    # The same vectors again (a stranger who comes back after the promote, seen identically): nothing added,
+    # to an existing person.
+    back = book.assign("door", 4, obama, 0.9, obama_crop)
+    assert back != first  # ids are never reused
+    twice = client.post(f"/api/v1/strangers/{back}/promote", json={"name": "Barack Stranger"})
+    assert (twice.status_code, twice.json()["added"], twice.json()["duplicates"]) == (201, 0, 1)
+
+    cases = [
+        (client.post(f"/api/v1/strangers/{first}/promote", json={"name": "Barack"}), 404, f"no stranger '{first}'"),
+        (client.post("/api/v1/strangers/u-0x/promote", json={"name": "Barack"}), 404, "no stranger 'u-0x'"),
+        (client.post(f"/api/v1/strangers/{other}/promote", json={}), 422, "missing field name"),
+        (client.post(f"/api/v1/strangers/{other}/promote", json={"name": "a\nb"}), 400, "control characters"),
+        (client.get("/api/v1/strangers/u-99999/thumbnail.jpg"), 404, "no stranger 'u-99999'"),
+        (client.delete("/api/v1/strangers/u-99999"), 404, "no stranger 'u-99999'"),
+    ]
+    for answer, status, words in cases:
+        body = answer.json()
+        assert (answer.status_code, list(body)) == (status, ["error"]), (answer.status_code, body)
+        assert words in body["error"] and "\n" not in body["error"]
+    assert client.delete(f"/api/v1/strangers/{other}").status_code == 204
+    assert other not in {s["id"] for s in client.get("/api/v1/strangers").json()["strangers"]}
+
+    # `streamer gallery promote` shares the enrolment with the API: a stranger promoted by the CLI (here from
+    # recognition.strangers_file, no pipeline) and then over the API adds its faces once.
+    store_file = tmp_path / "strangers.db"
+    monkeypatch.setenv("STREAMER_RECOGNITION__STRANGERS_FILE", str(store_file))
+    saved = StrangerBook.from_settings(load_settings().recognition, book_spec(ctx))
+    try:
+        shared = saved.assign("door", 1, biden, 0.8)
+        code = cli.main(["gallery", "promote", shared, "Joe Stranger", "--gallery", str(ctx.gallery_path)])
+        assert code == 0, capsys.readouterr().err
+        ctx.strangers = saved
+        via_api = client.post(f"/api/v1/strangers/{shared}/promote", json={"name": "Joe Stranger"})
+        assert (via_api.status_code, via_api.json()["added"], via_api.json()["duplicates"]) == (201, 0, 1)
+    finally:
+        ctx.strangers = book
+        saved.close()
+    people = {p["name"]: p["faces"] for p in client.get("/api/v1/people").json()["people"]}
+    assert people["Joe Stranger"] == 1 and people["Barack Stranger"] == expected
+    for name in ("Joe Stranger", "Barack Stranger"):
+        assert client.delete(f"/api/v1/people/{name}").status_code == 204
+
+
+def book_spec(ctx):
+    return ctx.face_engine().embedder.spec

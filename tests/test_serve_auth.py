@@ -7,7 +7,11 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import shutil
+import ssl
 import stat
+import subprocess
+from html.parser import HTMLParser
 
 import httpx
 import pytest
@@ -17,10 +21,10 @@ from starlette.routing import Mount
 from streamer import cli
 from streamer.config import load_settings
 from streamer.errors import ConfigError
-from streamer.serve.app import OPEN, create_app
+from streamer.serve.app import CONTENT_SECURITY_POLICY, OPEN, create_app
 from streamer.serve.auth import SESSION_COOKIE, TokenStore, store_path
 from streamer.serve.context import ServeContext
-from streamer.serve.server import HttpServer, bind_socket
+from streamer.serve.server import HttpServer, bind_socket, check_tls
 
 
 def _serve(tmp_path, **serve):
@@ -29,7 +33,19 @@ def _serve(tmp_path, **serve):
     _, token = tokens.create("admin")
     ctx = ServeContext(settings=settings, tokens=tokens)
     app = create_app(ctx)
-    return app, ctx, token, HttpServer(app, bind_socket("127.0.0.1", 0), ctx).start()
+    tls = (settings.serve.tls_cert_file, settings.serve.tls_key_file) if settings.serve.tls else None
+    return app, ctx, token, HttpServer(app, bind_socket("127.0.0.1", 0), ctx, tls=tls).start()
+
+
+def self_signed(folder):
+    """A certificate for 127.0.0.1 and its key, made by the openssl command (as a site would)."""
+    if shutil.which("openssl") is None:
+        pytest.skip("the openssl command is missing (apt-get install openssl)")
+    cert, key = folder / "cert.pem", folder / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(cert),
+                    "-days", "2", "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1"],
+                   check=True, capture_output=True, timeout=60)
+    return cert, key
 
 
 @pytest.fixture(scope="module")
@@ -76,7 +92,8 @@ def test_every_route_refuses_a_missing_or_wrong_token(server):
     paths = {path for _, _, path in routes}
     # The app's real routes are all there (a vacuous loop would prove nothing).
     assert {"/api/v1/verify", "/api/v1/people/x", "/api/v1/streams/x/live.mjpeg", "/api/v1/events/ws", "/docs",
-            "/openapi.json", "/", "/static/index.html"} <= paths and len(routes) > 30
+            "/openapi.json", "/", "/static/index.html", "/api/v1/strangers", "/api/v1/strangers/x/thumbnail.jpg",
+            "/api/v1/strangers/x/promote", "/docs-assets/index.html"} <= paths and len(routes) > 30
     with httpx.Client(base_url=http.url, timeout=10, follow_redirects=False) as client:
         for kind, method, path in routes:
             if kind == "ws":
@@ -200,3 +217,93 @@ def test_auth_off_only_on_loopback(tmp_path, monkeypatch, capsys):
         assert httpx.get(http.url + "/api/v1/me", timeout=10).json() == {"token": None}
     finally:
         http.stop()
+
+
+class _Refs(HTMLParser):
+    """Every URL a page loads: src and href attributes."""
+
+    def __init__(self):
+        super().__init__()
+        self.urls = []
+
+    def handle_starttag(self, tag, attrs):
+        self.urls.extend(value for name, value in attrs if name in ("src", "href") and value)
+
+
+def test_docs_work_offline_and_every_page_has_the_csp(server):
+    """/docs loads Swagger UI from this server only (the CDN FastAPI uses is out of reach offline)."""
+    _, _, token, http = server
+    with httpx.Client(base_url=http.url, timeout=10, headers={"Authorization": f"Bearer {token}"}) as client:
+        page = client.get("/docs")
+        assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+        refs = _Refs()
+        refs.feed(page.text)
+        assert len(refs.urls) >= 4 and "://" not in page.text.replace("http://www.w3.org", ""), refs.urls
+        assert "<script>" not in page.text  # no inline script: the CSP would refuse it
+        for url in refs.urls:
+            assert url.startswith("/") and not url.startswith("//"), url
+            if url.endswith((".js", ".css", ".png", ".json")):
+                asset = client.get(url)
+                assert asset.status_code == 200 and len(asset.content) > 100, (url, asset.status_code)
+        assert "SwaggerUIBundle" in client.get("/docs-assets/swagger-ui-bundle.js").text
+        assert "://" not in client.get("/static/docs.js").text
+        assert client.get("/openapi.json").json()["paths"]["/api/v1/strangers/{stranger_id}/promote"]
+        # The Content-Security-Policy on every answer: pages, assets, API, redirects, errors.
+        for path in ("/docs", "/", "/static/app.js", "/api/v1/me", "/api/v1/nowhere"):
+            assert client.get(path).headers["content-security-policy"] == CONTENT_SECURITY_POLICY, path
+    for path in ("/login", "/"):
+        answer = httpx.get(http.url + path, timeout=10)
+        assert answer.headers["content-security-policy"] == CONTENT_SECURITY_POLICY
+    assert "script-src" not in CONTENT_SECURITY_POLICY and "unsafe" not in CONTENT_SECURITY_POLICY
+    assert "frame-ancestors 'none'" in CONTENT_SECURITY_POLICY and "default-src 'self'" in CONTENT_SECURITY_POLICY
+
+
+def test_https_with_a_certificate_and_a_secure_cookie(tmp_path):
+    cert, key = self_signed(tmp_path)
+    _, _, token, http = _serve(tmp_path, tls_cert_file=str(cert), tls_key_file=str(key))
+    try:
+        assert http.url.startswith("https://127.0.0.1:")
+        trusted = ssl.create_default_context(cafile=str(cert))
+        with httpx.Client(base_url=http.url, timeout=10, verify=trusted) as client:
+            answer = client.post("/api/v1/login", json={"token": token})
+            assert answer.status_code == 204
+            cookie = answer.headers["set-cookie"]
+            assert "; Secure" in cookie and "HttpOnly" in cookie, cookie
+            assert client.get("/api/v1/me").json() == {"token": "admin"}  # the cookie goes back over HTTPS
+        with pytest.raises(httpx.ConnectError):  # a client that does not trust the certificate gets nowhere
+            httpx.get(http.url + "/login", timeout=10)
+        with pytest.raises(httpx.HTTPError):  # and plain HTTP on the port is no way in
+            httpx.get(http.url.replace("https", "http") + "/api/v1/me", headers={"Authorization": f"Bearer {token}"},
+                      timeout=10)
+    finally:
+        http.stop()
+    # Without TLS the cookie is not Secure (a loopback console over plain HTTP must still log in).
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    _, _, token, http = _serve(plain)
+    try:
+        cookie = httpx.post(http.url + "/api/v1/login", json={"token": token}, timeout=10).headers["set-cookie"]
+        assert "Secure" not in cookie
+    finally:
+        http.stop()
+
+
+def test_plain_http_beyond_loopback_is_refused_and_tls_files_are_checked(tmp_path):
+    cert, key = self_signed(tmp_path)
+    with pytest.raises(ConfigError, match=r"serve.bind 0.0.0.0:8080 listens beyond loopback without TLS.*"
+                                          r"serve.tls_cert_file.*serve.allow_plain_http"):
+        load_settings(overrides={"serve": {"bind": "0.0.0.0:8080"}})
+    assert load_settings(overrides={"serve": {"bind": "0.0.0.0:8080", "allow_plain_http": True}}).serve.tls is False
+    served = load_settings(overrides={"serve": {"bind": "[::]:8443", "tls_cert_file": str(cert),
+                                                "tls_key_file": str(key)}}).serve
+    assert served.tls and served.tls_cert_file == cert
+    with pytest.raises(ConfigError, match="go together"):
+        load_settings(overrides={"serve": {"tls_cert_file": str(cert)}})
+    with pytest.raises(ConfigError, match=r"serve.tls_key_file.*is not a file"):
+        load_settings(overrides={"serve": {"tls_cert_file": str(cert), "tls_key_file": str(tmp_path / "nope.pem")}})
+    (tmp_path / "junk.pem").write_text("not a certificate")
+    with pytest.raises(ConfigError, match="cannot use them for HTTPS"):
+        check_tls(tmp_path / "junk.pem", key)
+    other, _ = self_signed(tmp_path / "other" if (tmp_path / "other").mkdir() is None else tmp_path)
+    with pytest.raises(ConfigError, match="cannot use them for HTTPS"):  # a key of another certificate
+        check_tls(other, key)

@@ -8,6 +8,7 @@ import os
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import threading
@@ -29,8 +30,8 @@ def _free_port() -> int:
 class Served:
     """A `streamer serve` subprocess and its stderr, read in a thread."""
 
-    def __init__(self, args, env):
-        self.process = subprocess.Popen([sys.executable, "-m", "streamer", "serve", *args, "--bind", "127.0.0.1:0"],
+    def __init__(self, args, env, bind="127.0.0.1:0"):
+        self.process = subprocess.Popen([sys.executable, "-m", "streamer", "serve", *args, "--bind", bind],
                                         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         self.lines: list[str] = []
         self._reader = threading.Thread(target=self._read, daemon=True)
@@ -126,6 +127,13 @@ def test_serve_prints_the_admin_token_once_and_stops_on_sigterm(env, media_dir, 
             assert 201 in [a.status_code for a in answers]  # some are too dark to enrol: one sentence says so
             assert all(a.status_code == 422 and "no usable face" in a.json()["error"] for a in answers if a.status_code != 201)
             assert "Stranger" in [p["name"] for p in client.get("/api/v1/people").json()["people"]]
+            # The supervisor's stranger ids (u-N) over the API: listed, and promoted to that existing person.
+            strangers = _wait_for(lambda: client.get("/api/v1/strangers").json()["strangers"], 30, "a stranger")
+            assert {s["id"] for s in strangers} >= {u["stranger"] for u in unknowns if u["stranger"]}
+            assert all(s["id"].startswith("u-") and s["faces"] >= 1 and s["streams"] == ["cam0"] for s in strangers)
+            promoted = client.post(f"/api/v1/strangers/{strangers[0]['id']}/promote", json={"name": "Stranger"})
+            assert (promoted.status_code, promoted.json()["name"]) == (201, "Stranger") and promoted.json()["added"] >= 1
+            assert strangers[0]["id"] not in {s["id"] for s in client.get("/api/v1/strangers").json()["strangers"]}
             # A source added at run time, watched live, then removed.
             added = client.post("/api/v1/streams", json={"url": clip, "id": "replay", "loop": True})
             assert (added.status_code, added.json()) == (201, {"id": "replay"})
@@ -143,12 +151,17 @@ def test_serve_prints_the_admin_token_once_and_stops_on_sigterm(env, media_dir, 
     finally:
         first.kill()
 
-    # Second start, no source: it idles (sources can be added), prints no token, and the first one works.
-    second = Served(["--gallery", str(gallery)], env)
+    # Second start, no source, over HTTPS: it idles (sources can be added), prints no token, and the first one works.
+    cert, key = _self_signed(tmp_path)
+    second = Served(["--gallery", str(gallery)], {**env, "STREAMER_SERVE__TLS_CERT_FILE": str(cert),
+                                                  "STREAMER_SERVE__TLS_KEY_FILE": str(key)})
     try:
         url = second.url()
+        assert url.startswith("https://127.0.0.1:"), url
         assert not any(line.startswith("stk_") or "admin token" in line for line in second.lines)
-        with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {token}"}, timeout=30) as client:
+        assert not any("in clear" in line for line in second.lines)
+        with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {token}"}, timeout=30,
+                          verify=ssl.create_default_context(cafile=str(cert))) as client:
             assert client.get("/api/v1/streams").json() == {"streams": []}
             time.sleep(2)
             assert second.process.poll() is None and client.get("/api/v1/me").status_code == 200
@@ -168,3 +181,30 @@ def test_serve_refuses_a_port_in_use_in_one_line(env, tmp_path):
                               timeout=60, check=False)
     assert done.returncode == 2 and done.stderr.count("\n") == 1 and "serve.bind" in done.stderr, done.stderr
     assert not (tmp_path / "g.db").exists() and not (tmp_path / "g.db.tokens.json").exists()
+
+
+def _self_signed(folder):
+    if shutil.which("openssl") is None:
+        pytest.skip("the openssl command is missing (apt-get install openssl)")
+    cert, key = folder / "cert.pem", folder / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(cert),
+                    "-days", "2", "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1"],
+                   check=True, capture_output=True, timeout=60)
+    return cert, key
+
+
+def test_plain_http_beyond_loopback_needs_allow_plain_http_and_warns(env, tmp_path):
+    refused = subprocess.run([sys.executable, "-m", "streamer", "serve", "--bind", "0.0.0.0:0", "--gallery",
+                              str(tmp_path / "g.db")], env=env, capture_output=True, text=True, timeout=60, check=False)
+    assert refused.returncode == 2 and refused.stderr.count("\n") == 1, refused.stderr
+    assert "beyond loopback without TLS" in refused.stderr and "serve.allow_plain_http" in refused.stderr
+    served = Served(["--gallery", str(tmp_path / "g.db")], {**env, "STREAMER_SERVE__ALLOW_PLAIN_HTTP": "true"},
+                    bind="0.0.0.0:0")
+    try:
+        served.url()
+        warnings = [line for line in served.lines if "cross the network in clear" in line]
+        assert len(warnings) == 1, served.lines
+        code, _ = served.stop()
+        assert code == 0
+    finally:
+        served.kill()

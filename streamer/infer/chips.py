@@ -6,7 +6,7 @@ frame is and only pixels cross to the process that holds the models.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
@@ -18,9 +18,14 @@ from streamer.types import Faces
 class ChipPreparer:
     """`prepare(image, faces)` -> {"chips": (N,S,S,3) uint8, "<head>": crops for that head, ...}."""
 
-    def __init__(self, spec: EmbedderSpec, heads: Sequence[str]) -> None:
+    def __init__(
+        self, spec: EmbedderSpec, heads: Sequence[str], redetect: Callable[[np.ndarray], Faces] | None = None
+    ) -> None:
+        """redetect: the frame detector's `detect`, to align embedder chips on landmarks found again on a
+        view of each face cut with its first alignment (EmbedderSpec.prepare); None: the frame's landmarks."""
         self.spec = spec
         self.heads = tuple(heads)
+        self.redetect = redetect
         self._prepare_head = {name: prepare_function(name) for name in self.heads}
 
     @property
@@ -28,7 +33,7 @@ class ChipPreparer:
         return self.spec.chip_size
 
     def prepare(self, image: np.ndarray, faces: Faces) -> dict[str, np.ndarray]:
-        arrays = {"chips": self.spec.prepare(image, faces)}
+        arrays = {"chips": self.spec.prepare(image, faces, self.redetect)}
         for name, prepare in self._prepare_head.items():
             arrays[name] = prepare(image, faces)
         return arrays

@@ -15,7 +15,7 @@ distance). `create_embedder` / `embedder_spec` resolve names through the model r
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -24,7 +24,13 @@ from typing import Literal
 import numpy as np
 
 from streamer.errors import ConfigError, ModelError
-from streamer.infer.align import ARCFACE_112, DLIB_150, ChipTemplate, align_faces
+from streamer.infer.align import (
+    ARCFACE_112,
+    DLIB_150,
+    ChipTemplate,
+    align_faces,
+    redetect_landmarks,
+)
 from streamer.match.distance import METRICS, Metric, pairwise
 from streamer.models.registry import ModelRegistry
 from streamer.models.runtime import OnnxModel, RuntimeOptions
@@ -103,8 +109,16 @@ class EmbedderSpec:
         return self if flip_average is None else replace(self, flip_average=bool(flip_average))
 
     # -- chips ----------------------------------------------------------------------------------
-    def prepare(self, image_bgr: np.ndarray, faces: Faces) -> np.ndarray:
-        """Aligned chips (N, S, S, 3) uint8 BGR, ready to ship to the process that embeds them."""
+    def prepare(
+        self, image_bgr: np.ndarray, faces: Faces, redetect: Callable[[np.ndarray], Faces] | None = None
+    ) -> np.ndarray:
+        """Aligned chips (N, S, S, 3) uint8 BGR, ready to ship to the process that embeds them.
+
+        redetect: the detector's `detect`, to find each face's landmarks again on a view cut with the first
+        alignment before cutting (`streamer.infer.align.redetect_landmarks`: better chips of tilted faces, one more
+        detector run per face)."""
+        if redetect is not None:
+            faces = redetect_landmarks(image_bgr, faces, self.template, redetect)
         return align_faces(image_bgr, faces, self.template)
 
     def to_input(self, chips: np.ndarray) -> np.ndarray:
@@ -168,8 +182,10 @@ class Embedder:
         assert self.spec.dim is not None  # resolved at construction
         return self.spec.dim
 
-    def prepare(self, image_bgr: np.ndarray, faces: Faces) -> np.ndarray:
-        return self.spec.prepare(image_bgr, faces)
+    def prepare(
+        self, image_bgr: np.ndarray, faces: Faces, redetect: Callable[[np.ndarray], Faces] | None = None
+    ) -> np.ndarray:
+        return self.spec.prepare(image_bgr, faces, redetect)
 
     def embed(self, chips: np.ndarray) -> np.ndarray:
         """(N, D) float32 vectors for N chips from `prepare` (any N, 0 included).

@@ -29,6 +29,7 @@ channel's thread reads.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -360,6 +361,21 @@ class StrangerBook:
     def close(self) -> None:
         if self.store is not None:
             self.store.close()
+
+
+def enrol_stranger(gallery: Any, name: str, stranger_id: str, faces: Sequence[tuple[np.ndarray, str]],
+                   embedder_id: str) -> Any:
+    """Enrol a stranger's best faces ((embedding, stream) pairs) under `name`, new or enrolled, in `gallery`
+    (an open Gallery or PgGallery); returns its `Enrolled`. What `streamer gallery promote` and the console's
+    POST /api/v1/strangers/{id}/promote both do. The content hash of a face is the sha256 of its float32
+    vector's bytes (the vector is all there is of it), so promoting the same stranger twice adds nothing."""
+    if not faces:
+        raise ValueError(f"stranger {stranger_id}: no faces to enrol")
+    vectors = np.stack([np.asarray(v, np.float32).reshape(-1) for v, _ in faces])
+    hashes = [hashlib.sha256(v.tobytes()).hexdigest() for v in vectors]
+    sources = [f"stranger {stranger_id} ({stream})" for _, stream in faces]
+    done, = gallery.enrol([(name, vectors, sources, hashes)], embedder_id)
+    return done
 
 
 # -- persistence (only with recognition.strangers_file) -------------------------------------------------

@@ -19,6 +19,10 @@ Passes (all honour `max_frames`; all load and warm their models before the clock
 
 Every pass is timed over the same window: from the first frame read to the last result produced (or,
 for the pipeline, published). `faces_embedded` counts faces whose embedding was actually computed.
+
+`--streams K` measures something else (`streams_bench`): K copies of the clip played as live cameras at
+once, for each detect-worker count asked for, one run each of 1, 2, ... K streams: how many streams hold
+real time (every stream drops under 1% of its frames), and the latency per event kind at each count.
 """
 
 from __future__ import annotations
@@ -39,6 +43,7 @@ TRACK_KINDS = ("track.started", "track.updated", "track.ended")
 RECOGNITION_KINDS = ("identity", "attributes")
 PER_FRAME_PATTERN = "InsightFace FaceAnalysis.get: every model on every face on every frame, one thread"
 WINDOW = "first frame read -> last result published (decode: last frame decoded)"
+REAL_TIME_DROP = 0.01  # a live stream holds real time while it drops less than this share of its frames
 
 
 # -- the shared decode loop (decode, serial_tracked and per_frame_all_models) ---------------------------------
@@ -302,6 +307,106 @@ def format_report(result: Mapping[str, Any]) -> str:
         for label, stats in rows:
             lines.append(f"  {label:<26} p50 {_text(stats['p50']):>7} ms   p95 {_text(stats['p95']):>7} ms"
                          f"   ({stats['events']} events)")
+    return "\n".join(lines)
+
+
+# -- many streams (--streams K) -------------------------------------------------------------------------------
+def clip_info(path: str) -> dict[str, Any]:
+    """Width, height, frame rate and frame count of a clip (the count decoded when the header lacks it)."""
+    try:
+        container = av.open(path)
+    except (av.error.FFmpegError, OSError) as exc:
+        raise InputError(f"{path}: cannot open video ({exc})") from None
+    with container:
+        if not container.streams.video:
+            raise InputError(f"{path}: no video stream")
+        stream = container.streams.video[0]
+        rate = float(stream.average_rate) if stream.average_rate else None
+        frames = stream.frames or sum(1 for _ in container.decode(stream))
+        return {"width": stream.width, "height": stream.height, "fps": _round(rate, 3), "frames": frames}
+
+
+def live_streams_pass(settings: Settings, path: str, streams: int, workers: int | str,
+                      frames: int) -> dict[str, Any]:
+    """`streams` copies of the clip as live cameras (each `frames` frames long) over `workers` detect
+    workers: frames and drops per stream, whether every stream held real time, latency per event kind."""
+    from streamer.pipeline.run import Supervisor
+
+    sources = [{"url": path, "id": f"{STREAM}{i}", "live": True, "max_frames": frames} for i in range(streams)]
+    run_settings = Settings(
+        **{
+            **settings.model_dump(mode="json"),
+            "sources": sources,
+            "publish": {**settings.publish.model_dump(mode="json"), "endpoint": "tcp://127.0.0.1:*"},
+            "output": {"path": None},
+            "pipeline": {"detect_workers": workers},
+        }
+    )
+    supervisor = Supervisor(run_settings, progress=False)
+    used = len(supervisor.detects)
+    summary = supervisor.run()
+    per_stream = {}
+    for source in sources:
+        info = summary.last_stats.get("streams", {}).get(source["id"], {})
+        processed, dropped = int(info.get("frames", 0)), int(info.get("dropped", 0))
+        total = processed + dropped
+        per_stream[source["id"]] = {"frames": total, "processed": processed, "dropped": dropped,
+                                    "dropped_share": _round(dropped / total if total else 1.0, 4)}
+    worst = max(s["dropped_share"] for s in per_stream.values())
+    return {
+        "streams": streams,
+        "detect_workers": used,
+        "held": all(s["frames"] > 0 and s["dropped_share"] < REAL_TIME_DROP for s in per_stream.values()),
+        "worst_dropped_share": worst,
+        "frames": sum(s["frames"] for s in per_stream.values()),
+        "dropped": sum(s["dropped"] for s in per_stream.values()),
+        "faces_embedded": int(summary.faces_embedded),
+        "per_stream": per_stream,
+        "latency_ms": latency_report(summary.latencies_by_kind),
+    }
+
+
+def streams_bench(settings: Settings, path: str, max_streams: int, workers: Sequence[int | str],
+                  max_frames: int | None = None) -> dict[str, Any]:
+    """For each detect-worker count: a run each of 1, 2, ... `max_streams` copies of the clip as live
+    cameras; `held` is the most streams that held real time (every run is made: on a busy machine one
+    run may fail where a larger one holds, and the drop shares show the trend either way)."""
+    if max_streams < 1:
+        raise InputError(f"--streams: expected a positive number of streams, got {max_streams}")
+    if max_frames is not None and max_frames < 1:
+        raise InputError(f"--frames: expected a positive number of frames, got {max_frames}")
+    clip = clip_info(path)
+    if not clip["frames"]:
+        raise InputError(f"{path}: no video frames")
+    frames = min(clip["frames"], max_frames) if max_frames else clip["frames"]
+    results = []
+    for count in workers:
+        runs = []
+        for streams in range(1, max_streams + 1):
+            run = live_streams_pass(settings, path, streams, count, frames)
+            runs.append(run)
+        held = [run for run in runs if run["held"]]
+        results.append({"detect_workers": count, "held": held[-1]["streams"] if held else 0,
+                        "latency_ms": held[-1]["latency_ms"] if held else None, "runs": runs})
+    return {"source": path, "clip": clip, "frames_per_stream": frames, "max_streams": max_streams,
+            "criterion": f"every stream drops under {REAL_TIME_DROP:.0%} of its frames", "workers": results}
+
+
+def format_streams_report(result: Mapping[str, Any]) -> str:
+    """The --streams result as text for people."""
+    clip = result["clip"]
+    title = (f"{result['source']}  ({clip['width']}x{clip['height']} at {_text(clip['fps'])} fps, "
+             f"{result['frames_per_stream']} frames per stream, live; held: {result['criterion']})")
+    lines = [title, ""]
+    for entry in result["workers"]:
+        lines.append(f"detect workers {entry['detect_workers']}: {entry['held']} stream(s) held real time")
+        for run in entry["runs"]:
+            latency = run["latency_ms"]
+            kinds = "  ".join(f"{kind} {_text(stats['p95'])}" for kind, stats in latency["by_kind"].items()
+                              if kind not in ("heartbeat", "stream.status"))
+            lines.append(f"  {run['streams']:>3} streams ({run['detect_workers']} worker(s)): "
+                         f"{'held' if run['held'] else 'NOT held'}, worst drop {run['worst_dropped_share']:.1%}, "
+                         f"{run['dropped']}/{run['frames']} frames dropped; p95 ms: {kinds or '-'}")
     return "\n".join(lines)
 
 

@@ -1,8 +1,9 @@
 """The detect worker: the loop that wires sources, per-stream processors, the inference client and the
 track recognisers together, and hands their events to the supervisor.
 
-One process. One reader thread per source (PyAV releases the GIL while decoding); everything stateful
-lives on this process's main thread. The supervisor owns the public socket and `seq`, so a restarted
+One process per shard of the streams (`pipeline.detect_workers`: the supervisor deals them out, each
+worker knows only its own). One reader thread per source (PyAV releases the GIL while decoding);
+everything stateful lives on this process's main thread. The supervisor owns the public socket and `seq`, so a restarted
 worker never resets it; it passes `first_track_ids` so track ids are never reused within a run.
 
 The inference client's health changes become `pipeline.status` events (inference down/up, with why), and
@@ -108,13 +109,15 @@ class DetectWorker:
         self.live_dropped = 0  # tiles the supervisor had no room for
         self._log = RateLimitedLog(log)
         sources = {source.id or f"cam{i}": source.url for i, source in enumerate(settings.sources)}
-        self.output = AnnotatedOutput(settings.output, len(settings.sources), sources)  # sources: audio to copy
+        count = len(settings.sources) if options.stream_count is None else options.stream_count
+        self.output = AnnotatedOutput(settings.output, count, sources)  # sources: audio to copy
         self.first_track_ids = dict(first_track_ids or {})
         self.slots: list[StreamSlot] = []
         self.first_frame_at: float | None = None
         self.last_frame_at: float | None = None
         self.last_stats = 0.0
         self.gallery_stale = False
+        self.pid = os.getpid()  # on every event: the supervisor tells its detect workers apart
 
     def stop(self, *_: object) -> None:
         self.running = False
@@ -358,7 +361,7 @@ class DetectWorker:
     def _send(self, events: list[Event], decoded_at: float | None = None, crop: bytes | None = None) -> None:
         for event in events:
             try:
-                self.events.send_multipart(event_frames(event, decoded_at, crop), zmq.NOBLOCK)
+                self.events.send_multipart(event_frames(event, decoded_at, crop, self.pid), zmq.NOBLOCK)
             except zmq.Again:
                 log.warning("event dropped: supervisor not reading")
 

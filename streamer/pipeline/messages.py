@@ -35,6 +35,7 @@ class _Message(BaseModel):
 
 class EventMeta(_Message):
     decoded_at: float | None = None  # time.monotonic() of the frame's decode, for latency
+    pid: int | None = None  # the sending worker's: which of the detect workers saw a pipeline.status
 
 
 class StreamStats(_Message):
@@ -86,8 +87,9 @@ def parse_control(frames: Sequence[bytes]) -> WorkerStats | WorkerFatal:
     return _CONTROL.validate_json(frames[0])
 
 
-def event_frames(event: Event, decoded_at: float | None = None, crop: bytes | None = None) -> list[bytes]:
-    meta = orjson.dumps({"decoded_at": decoded_at})
+def event_frames(event: Event, decoded_at: float | None = None, crop: bytes | None = None,
+                 pid: int | None = None) -> list[bytes]:
+    meta = orjson.dumps({"decoded_at": decoded_at} if pid is None else {"decoded_at": decoded_at, "pid": pid})
     payload = event.payload()
     return [meta, payload] if crop is None else [meta, payload, crop]
 
@@ -211,3 +213,6 @@ class DetectOptions(_Message):
     frames_endpoint: str | None = None
     crops: bool = False  # make face crops for identity events (see SetCrops)
     keep_running: bool = False  # `streamer serve`: idle without sources instead of exiting
+    # Streams of the whole run (a detect worker holds a shard of them): output files are named per stream
+    # when the run has several, whichever worker writes them. None: the worker's own sources.
+    stream_count: int | None = Field(None, ge=0, le=1024)

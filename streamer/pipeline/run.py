@@ -3,7 +3,11 @@
     supervisor (this process)      -- PUB tcp://127.0.0.1:5556 --> subscribers
         |  ^ events (PULL, ipc)
         v  |
-    detect worker  <-- DEALER/ROUTER (ipc or tcp) -->  inference worker
+    detect worker x N  <-- DEALER/ROUTER (ipc or tcp) -->  inference worker
+
+`pipeline.detect_workers` detect workers each hold a shard of the streams (`streamer.pipeline.pool`); all
+share the inference worker, whose batches fill across every stream. Each has its own commands channel; a
+crashed one is restarted with its own shard, the others go on.
 
 The supervisor stamps `seq` on every event, so a restarted worker never makes subscribers see seq
 start over. For `streamer serve` it also takes calls from other threads (the HTTP server's): taps on
@@ -89,8 +93,9 @@ class _Worker:
     """A worker process; `args` is called at each start (a restarted worker gets current arguments)."""
 
     def __init__(self, name: str, target: Any, args: Callable[[], tuple],
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic, kind: str | None = None) -> None:
         self.name, self.target, self.args = name, target, args
+        self.kind = kind or name  # "detect" for every worker of the pool ("detect-1"...)
         self.clock = clock
         self.process: multiprocessing.process.BaseProcess | None = None
         self.crashes: deque[float] = deque()
@@ -170,12 +175,15 @@ class TrackBook:
     def next_ids(self) -> dict[str, int]:
         return dict(self._next)
 
-    def orphaned(self) -> list[Any]:
-        """`track.ended` (reason worker_restart) for every live track; forgets them."""
+    def orphaned(self, streams: Any = None) -> list[Any]:
+        """`track.ended` (reason worker_restart) for every live track (of `streams`, when given: the shard
+        of the worker that died); forgets them."""
         from streamer.publish.events import TrackEnded
 
         ended = []
         for stream, tracks in self._live.items():
+            if streams is not None and stream not in streams:
+                continue
             for track, info in sorted(tracks.items()):
                 ended.append(TrackEnded(stream=stream, frame=info.frame, pts=info.pts, track=track, box=info.box,
                                         duration=max(0.0, info.pts - info.started_pts), frames=None,
@@ -221,7 +229,7 @@ class Supervisor:
         self._stream_status: dict[str, tuple[str, str]] = {}  # stream -> (status, detail) last published
         self._taps: tuple[Callable[[Any, bytes | None], None], ...] = ()
         self._crops = False  # a tap wants face crops
-        self._outbox: deque[Any] = deque()  # commands for the detect worker, sent from the supervisor thread
+        self._outbox: deque[Any] = deque()  # commands for the detect workers, routed on the supervisor thread
         self._watch_sent: dict[str, float] = {}  # stream -> when its Watch was last sent
         self.frames = FrameHub()
         self.log_level = log_level if log_level is not None else logging.getLogger().getEffectiveLevel()
@@ -268,11 +276,32 @@ class Supervisor:
                                    bind=self.control_endpoint, max_message_bytes=1 << 20)
         from streamer.pipeline.detect_worker import LIVE_HWM
         from streamer.pipeline.messages import MAX_LIVE_FRAME_BYTES
+        from streamer.pipeline.pool import (
+            PoolStats,
+            StatusVotes,
+            detect_worker_count,
+            shard,
+        )
 
+        count = detect_worker_count(settings.pipeline.detect_workers, len(self._sources),
+                                    keep_running=keep_running, preview=settings.output.preview)
+        # Stream -> the index of the detect worker that holds it (only the supervisor thread changes it).
+        self._holder = {stream: index for index, streams in enumerate(shard(self._sources, count))
+                        for stream in streams}
         self.commands_endpoint = f"ipc://{self._tmp.name}/commands"
         self.frames_endpoint = f"ipc://{self._tmp.name}/frames"
-        self.commands = make_socket(self.context, SocketKind.PUSH, hwm=SocketDefaults.EVENT_HWM,
-                                    bind=self.commands_endpoint)
+        # One commands channel per detect worker: a PUSH to several would deal commands round robin.
+        self.commands_endpoints = [self.commands_endpoint] + [f"{self.commands_endpoint}-{i}" for i in range(1, count)]
+        self.commands_sockets = [make_socket(self.context, SocketKind.PUSH, hwm=SocketDefaults.EVENT_HWM, bind=e)
+                                 for e in self.commands_endpoints]
+        self.commands = self.commands_sockets[0]
+        self._pending: list[deque[Any]] = [deque() for _ in range(count)]  # routed, not sent yet
+        self.pool_stats = PoolStats(count, os.getpid())
+        self._inference_votes = StatusVotes("up", "down")
+        self._gallery_votes = StatusVotes("ok", "stale")
+        self._pid_index: dict[int, int] = {}  # detect worker pid (current and past) -> its index
+        self._connected: set[str] = set()  # streams that ever connected (the pool's exit_if_none_connect)
+        self._first_failure: dict[str, str] = {}
         self.frames_socket = make_socket(self.context, SocketKind.PULL, hwm=LIVE_HWM, bind=self.frames_endpoint,
                                          max_message_bytes=MAX_LIVE_FRAME_BYTES + (64 << 10))
         self.tracks = TrackBook()
@@ -293,7 +322,13 @@ class Supervisor:
                          self._tmp.name),
             )
         self._settings_data = settings_data
-        self.detect = _Worker("detect", detect_main, self._detect_args)  # a restarted one gets today's sources
+        # A restarted worker gets its shard's sources of today. One worker keeps today's name, "detect".
+        self.detects = [
+            _Worker("detect" if count == 1 else f"detect-{index}", detect_main,
+                    lambda index=index: self._detect_args(index), kind="detect")
+            for index in range(count)
+        ]
+        self._finished: set[int] = set()  # detect workers that ended by themselves (their input ended)
         self._last_heartbeat = time.monotonic()
         self._bars: dict[str, Any] = {}
         # What subscribers were last told about inference ("up" until told otherwise), and whether it ever worked.
@@ -308,6 +343,11 @@ class Supervisor:
             self.admin = AdminServer(self.strangers, self._tmp.name, settings.gallery.path, context=self.context)
 
     # -- public ----------------------------------------------------------------------------------------
+    @property
+    def detect(self) -> _Worker:
+        """The first detect worker (the only one unless pipeline.detect_workers says otherwise)."""
+        return self.detects[0]
+
     def add_tap(self, fn: Callable[[Any, bytes | None], None], wants_crops: bool = False) -> None:
         """`fn(sent_event, crop)` for every published event (heartbeats too), on the supervisor thread, with
         the event as published (seq stamped) and, for identity events when crops are made, the face JPEG.
@@ -397,12 +437,14 @@ class Supervisor:
     def request_stop(self, *_: object) -> None:
         if not self.stopping:
             self.stopping = True
-            self.detect.signal(signal.SIGTERM)
+            for worker in self.detects:
+                worker.signal(signal.SIGTERM)
 
     def run(self) -> RunSummary:
         if self.inference is not None:
             self.inference.start()
-        self.detect.start()
+        for worker in self.detects:
+            self._start_detect(worker)
         stop_deadline: float | None = None
         try:
             while True:
@@ -416,15 +458,24 @@ class Supervisor:
                     stop_deadline = time.monotonic() + STOP_GRACE_S
                 if stop_deadline is not None and time.monotonic() > stop_deadline:
                     log.error("detect worker did not stop in %.0f s; killing it", STOP_GRACE_S)
-                    self.detect.join(0)
-                if not self.detect.alive:
-                    code = self.detect.exitcode
+                    for worker in self.detects:
+                        worker.join(0)
+                for index, worker in enumerate(self.detects):
+                    if index in self._finished or worker.alive:
+                        continue
+                    code = worker.exitcode
                     self._pump(timeout_ms=200, until_idle=True)
                     if self.fatal:
                         raise StreamerError(self.fatal)
                     if code == 0 or self.stopping:
-                        break
-                    self._restart(self.detect, code)
+                        self._finished.add(index)
+                        self._inference_votes.forget(index)
+                        self._gallery_votes.forget(index)
+                    else:
+                        self._restart(worker, code)
+                if len(self._finished) == len(self.detects):
+                    break
+                self._check_reachable()
                 if self.inference is not None and not self.inference.alive and not self.stopping:
                     self._pump(timeout_ms=200, until_idle=True)
                     if self.fatal:
@@ -434,7 +485,8 @@ class Supervisor:
             return self.summary
         finally:
             self.summary.finished = time.monotonic()
-            self.detect.join(5)
+            for worker in self.detects:
+                worker.join(5)
             if self.inference is not None:
                 self.inference.signal(signal.SIGTERM)
                 self.inference.join(5)
@@ -443,7 +495,8 @@ class Supervisor:
             self.frames.close()
             self.events.close()
             self.control.close()
-            self.commands.close()
+            for socket in self.commands_sockets:
+                socket.close()
             self.frames_socket.close()
             self.publisher.close()
             self.sinks.close()  # bounded (2 s in all): MQTT says "offline" on the way out
@@ -457,22 +510,57 @@ class Supervisor:
     # -- internals ------------------------------------------------------------------------------------------
     def _restart(self, worker: _Worker, code: int | None) -> None:
         log.error("%s worker exited unexpectedly (exit code %s); restarting it", worker.name, code)
-        self.metrics.restarts[worker.name] = self.metrics.restarts.get(worker.name, 0) + 1
+        self.metrics.restarts[worker.kind] = self.metrics.restarts.get(worker.kind, 0) + 1
         if not worker.may_restart():
             raise PipelineFailed(f"{worker.name} worker keeps crashing (exit code {code}); giving up")
-        if worker is self.detect:
+        if worker.kind == "detect":
+            index = self.detects.index(worker)
+            held = self._held(index)
             # Its tracks died with it: end them, so no subscriber waits for a track.ended that never comes.
-            for event in self.tracks.orphaned():
+            # Only its own: the other workers' streams go on.
+            for event in self.tracks.orphaned(held if len(self.detects) > 1 else None):
                 self._publish(event)
             from streamer.publish.events import StreamStatus
 
             for stream in self.summary.last_stats.get("streams", {}):
-                self._publish(StreamStatus(stream=stream, status="lost",
-                                           detail=f"detect worker crashed (exit code {code}); restarting"))
-        self.summary.restarts[worker.name] += 1
-        if worker is self.detect:
-            self._watch_sent.clear()  # the new worker watches nothing yet: tell it at once
+                if len(self.detects) == 1 or stream in held:
+                    self._publish(StreamStatus(stream=stream, status="lost",
+                                               detail=f"detect worker crashed (exit code {code}); restarting"))
+            self._inference_votes.forget(index)  # the new process knows nothing yet
+            self._gallery_votes.forget(index)
+            self.pool_stats.forget_streams(index)
+            self._pending[index].clear()  # what it was to be told is in its arguments now
+            for stream in [s for s in self._watch_sent if s in held]:
+                del self._watch_sent[stream]  # the new worker watches nothing yet: tell it at once
+        self.summary.restarts[worker.kind] += 1
+        if worker.kind == "detect":
+            self._start_detect(worker)
+        else:
+            worker.start()
+
+    def _start_detect(self, worker: _Worker) -> None:
         worker.start()
+        if worker.process is not None and worker.process.pid:
+            self._pid_index[worker.process.pid] = self.detects.index(worker)
+
+    def _held(self, index: int) -> set[str]:
+        return {stream for stream, holder in self._holder.items() if holder == index}
+
+    def _check_reachable(self) -> None:
+        """Several detect workers: not one source of the run connecting is a wrong address (as the one
+        worker decides it alone: `slot.check_reachable`), not one worker's shard."""
+        if (len(self.detects) == 1 or self.keep_running or not self.settings.reconnect.exit_if_none_connect
+                or self._connected):
+            return
+        with self._lock:
+            sources = dict(self._sources)
+        if not sources or not all(stream in self._first_failure for stream in sources):
+            return
+        reasons = "; ".join(f"{stream} ({source.url}): {self._first_failure[stream]}"
+                            for stream, source in sources.items())
+        self.request_stop()  # the workers are still retrying: let them go now, not after the join's wait
+        raise SourceError(f"cannot connect to any source: {reasons} "
+                          "(set reconnect.exit_if_none_connect=false to keep retrying)")
 
     def _pump(self, timeout_ms: int, until_idle: bool = False) -> None:
         from streamer.pipeline.messages import parse_control, parse_event_frames
@@ -497,8 +585,12 @@ class Supervisor:
                     except ValueError as exc:  # a bug, not a user error: say what was malformed
                         self._log.warning("event", "dropping an invalid event: %s", _first_line(exc))
                         continue
+                    index = self._pid_index.get(meta.pid or -1, 0)
                     if (event.kind == "pipeline.status" and event.inference is not None
-                            and not self._inference_changed(event)):
+                            and not self._inference_changed(event, index)):
+                        continue
+                    if (event.kind == "pipeline.status" and event.gallery is not None
+                            and not self._gallery_changed(event, index)):
                         continue
                     self._publish(event, crop, meta.decoded_at)
             if not until_idle:
@@ -508,9 +600,15 @@ class Supervisor:
         if message.type == "fatal":
             self.fatal = message.message
             return
+        if message.worker == "detect" and len(self.detects) > 1:
+            # The pool's numbers as one worker's: streams side by side, totals summed across restarts.
+            merged = self.pool_stats.observe(self._pid_index.get(message.pid or -1, 0), message)
+            if merged is None:
+                return  # late news from a process that was replaced
+            message = merged
         self.metrics.observe_stats(message, message.pid)
         if message.worker != "detect":
-            return  # only the detect worker's numbers make the heartbeat and the summary
+            return  # only the detect workers' numbers make the heartbeat and the summary
         stats = message.model_dump()
         self.summary.last_stats = stats
         self.summary.faces_sent = message.faces_sent
@@ -525,35 +623,70 @@ class Supervisor:
             self.tracks.reported(stream, info.next_track_id)
         self._update_progress(stats)
 
-    def _detect_args(self) -> tuple:
+    def _detect_args(self, index: int = 0) -> tuple:
         from streamer.pipeline.messages import DetectOptions
 
         with self._lock:
-            sources = [source.model_dump(mode="json") for source in self._sources.values()]
+            sources = [source.model_dump(mode="json") for stream, source in self._sources.items()
+                       if self._holder.get(stream) == index]
             crops = self._crops
-        options = DetectOptions(commands_endpoint=self.commands_endpoint, frames_endpoint=self.frames_endpoint,
-                                crops=crops, keep_running=self.keep_running)
-        return (dict(self._settings_data, sources=sources), self.inference_endpoint, self.events_endpoint,
+        pool = len(self.detects) > 1
+        options = DetectOptions(commands_endpoint=self.commands_endpoints[index], frames_endpoint=self.frames_endpoint,
+                                crops=crops, keep_running=self.keep_running,
+                                stream_count=len(self.settings.sources) if pool else None)
+        settings = dict(self._settings_data, sources=sources)
+        if pool:  # whether no source at all connects is the supervisor's to say, not one shard's
+            settings["reconnect"] = dict(settings["reconnect"], exit_if_none_connect=False)
+        return (settings, self.inference_endpoint, self.events_endpoint,
                 self.control_endpoint, self.tracks.next_ids(), self.log_level, self._tmp.name,
                 options.model_dump())
 
     def _send_commands(self) -> None:
-        """What other threads queued for the detect worker, and the watches of the streams someone watches.
-        A command the worker cannot take yet (starting, restarting) stays queued; a restarted worker gets
-        the current sources with its arguments, so a command lost with a dying one loses nothing."""
-        from streamer.pipeline.messages import AddSource, Watch, command_frames
+        """What other threads queued for the detect workers, and the watches of the streams someone watches.
+        Each command goes to the worker it concerns: a new source to the one holding the fewest streams, a
+        removal or a watch to the one holding the stream, crops to all. A command a worker cannot take yet
+        (starting, restarting) stays queued; a restarted worker gets its current sources with its
+        arguments, so a command lost with a dying one loses nothing."""
+        from streamer.pipeline.messages import (
+            AddSource,
+            RemoveSource,
+            SetCrops,
+            Watch,
+            command_frames,
+        )
+        from streamer.pipeline.pool import least_loaded
 
         while self._outbox:
-            command = self._outbox[0]
+            command = self._outbox.popleft()
             if isinstance(command, AddSource):  # ids of a stream added again go on where they were
-                first = self.tracks.next_ids().get(command.source.id or "", 1)
+                stream = command.source.id or ""
+                first = self.tracks.next_ids().get(stream, 1)
                 command = command.model_copy(update={"first_track_id": first})
-            frames = command if isinstance(command, list) else command_frames(command)
-            try:
-                self.commands.send_multipart(frames, zmq.NOBLOCK)
-            except zmq.Again:
-                break
-            self._outbox.popleft()
+                running = [i for i in range(len(self.detects)) if i not in self._finished] or [0]
+                loads = {i: 0 for i in running}
+                for holder in self._holder.values():
+                    if holder in loads:
+                        loads[holder] += 1
+                index = self._holder[stream] = least_loaded(loads)
+                self._pending[index].append(command)
+            elif isinstance(command, RemoveSource):
+                index = self._holder.pop(command.stream, None)
+                if index is not None:
+                    self._pending[index].append(command)
+            elif isinstance(command, SetCrops):
+                for pending in self._pending:
+                    pending.append(command)
+            else:  # raw frames (tests) and anything else: the first worker
+                self._pending[0].append(command)
+        for index, pending in enumerate(self._pending):
+            while pending:
+                command = pending[0]
+                frames = command if isinstance(command, list) else command_frames(command)
+                try:
+                    self.commands_sockets[index].send_multipart(frames, zmq.NOBLOCK)
+                except zmq.Again:
+                    break
+                pending.popleft()
         now = time.monotonic()
         with self._lock:
             watched = self.frames.watched() & self._sources.keys()
@@ -566,10 +699,14 @@ class Supervisor:
             self._command(Watch(stream=stream, active=False))  # lost: it lapses in WATCH_TTL_S anyway
 
     def _command(self, command: Any) -> bool:
+        """A Watch, straight to the worker holding its stream."""
         from streamer.pipeline.messages import command_frames
 
+        index = self._holder.get(command.stream)
+        if index is None:
+            return False  # not routed yet (just added): the next round
         try:
-            self.commands.send_multipart(command_frames(command), zmq.NOBLOCK)
+            self.commands_sockets[index].send_multipart(command_frames(command), zmq.NOBLOCK)
             return True
         except zmq.Again:
             return False
@@ -590,19 +727,22 @@ class Supervisor:
 
     def _pids(self) -> dict[str, int | None]:
         pids: dict[str, int | None] = {"supervisor": os.getpid()}
-        for worker in (self.detect, self.inference):
+        for worker in (*self.detects, self.inference):
             if worker is not None and worker.process is not None:
                 pids[worker.name] = worker.process.pid
         return pids
 
-    def _inference_changed(self, event: Any) -> bool:
+    def _inference_changed(self, event: Any, worker: int = 0) -> bool:
         """True for news (publish it and say it); False for what subscribers know already, e.g. a restarted
-        detect worker finding inference down again, or the first answer of a worker nobody missed."""
+        detect worker finding inference down again, the first answer of a worker nobody missed, or a second
+        detect worker of the pool seeing what the first one said (down while any of them says so)."""
         said = self._inference[0] if self._inference else "up"  # subscribers assume up until told otherwise
-        self._inference = (event.inference, event.detail)
+        state = self._inference_votes.vote(worker, event.inference)
+        if state == event.inference:
+            self._inference = (event.inference, event.detail)
         if event.inference == "up":
             self._inference_ever_up = True
-        if event.inference == said:
+        if state == said:
             return False
         if event.inference == "down":
             self._say(f"inference is down: {event.detail}; faces are not recognised until it is back "
@@ -610,6 +750,13 @@ class Supervisor:
         else:
             self._say(f"inference is {event.detail or 'back'}: recognition resumed")  # "back after 3.1 s"
         return True
+
+    def _gallery_changed(self, event: Any, worker: int) -> bool:
+        """Every detect worker reads the gallery: a change is published once (stale while any says so)."""
+        if len(self.detects) == 1:
+            return True
+        said = self._gallery_votes.state
+        return self._gallery_votes.vote(worker, event.gallery) != said
 
     def _inference_remedy(self) -> str:
         endpoint = self.settings.inference.endpoint
@@ -653,6 +800,10 @@ class Supervisor:
             with self._lock:
                 if event.stream in self._sources:
                     self._stream_status[event.stream] = (event.status, event.detail)
+            if event.status in ("connected", "reconnected"):
+                self._connected.add(event.stream)
+            elif event.status == "lost":
+                self._first_failure.setdefault(event.stream, event.detail)
         self.metrics.observe_event(sent)
         self.metrics.publish_dropped = self.publisher.dropped
         self.tracks.observe(event)

@@ -32,12 +32,16 @@ OPEN = frozenset({
     ("GET", "/static/login.js"), ("HEAD", "/static/login.js"),
     ("GET", "/static/style.css"), ("HEAD", "/static/style.css"),
 })
+# Scripts, styles and connections from this server only (no inline script, no CDN: /docs included), images
+# also as blob: (thumbnails fetched with no-store) and data: (Swagger UI's icons), and no framing.
+CONTENT_SECURITY_POLICY = "default-src 'self'; img-src 'self' blob: data:; connect-src 'self'; frame-ancestors 'none'"
 SECURITY_HEADERS = [
     (b"x-content-type-options", b"nosniff"),
     (b"x-frame-options", b"DENY"),
-    (b"content-security-policy", b"frame-ancestors 'none'"),
+    (b"content-security-policy", CONTENT_SECURITY_POLICY.encode()),
     (b"referrer-policy", b"no-referrer"),
 ]
+DOCS_ASSETS = "/docs-assets"  # Swagger UI's files, from the fastapi-offline package
 
 
 def client_of(scope: Any) -> str:
@@ -163,9 +167,29 @@ def _page(name: str, title: str) -> Response:
                         "<p>The console pages are not installed; the REST API is at <a href=/docs>/docs</a>.</p>")
 
 
+def _secure(ctx: ServeContext, request: Request) -> bool:
+    """The session cookie is only sent over HTTPS when this server speaks it (or a proxy in front says so)."""
+    return bool(ctx.settings.serve.tls) or request.url.scheme == "https"
+
+
+def _swagger_ui_dir() -> Path:
+    try:
+        import fastapi_offline
+    except ImportError:  # the API works without it; /docs then shows the page without its UI
+        log.warning("fastapi-offline is not installed: /docs cannot show Swagger UI (pip install fastapi-offline)")
+        return STATIC_DIR / "missing"
+    return Path(fastapi_offline.__file__).resolve().parent / "static"
+
+
 def create_app(ctx: ServeContext) -> FastAPI:
     from streamer import __version__
-    from streamer.serve import api_events, api_gallery, api_images, api_streams
+    from streamer.serve import (
+        api_events,
+        api_gallery,
+        api_images,
+        api_strangers,
+        api_streams,
+    )
 
     app = FastAPI(
         title="streamer",
@@ -173,12 +197,17 @@ def create_app(ctx: ServeContext) -> FastAPI:
         description="Face analytics REST API. Every call needs `Authorization: Bearer <token>` "
         "(`streamer tokens create`) or the session cookie set by POST /api/v1/login.",
         default_response_class=Json,
+        # FastAPI's own /docs loads Swagger UI from a CDN, which offline sites cannot reach, and starts it
+        # with an inline script the CSP refuses: /docs is served below from local files instead.
+        docs_url=None,
+        redoc_url=None,
     )
     app.state.ctx = ctx
     errors.install(app)
     app.include_router(api_images.router)
     app.include_router(api_gallery.router)
     app.include_router(api_streams.router)
+    app.include_router(api_strangers.router)
     app.include_router(api_events.router)
 
     @app.post("/api/v1/login", status_code=204, tags=["auth"], summary="exchange a token for a session cookie")
@@ -195,14 +224,14 @@ def create_app(ctx: ServeContext) -> FastAPI:
             raise APIError(401, "wrong or revoked token")
         response = Response(status_code=204)
         response.set_cookie(SESSION_COOKIE, ctx.sessions.open(record.id), httponly=True, samesite="strict",
-                            path="/", secure=request.url.scheme == "https")
+                            path="/", secure=_secure(ctx, request))
         return response
 
     @app.post("/api/v1/logout", status_code=204, tags=["auth"], summary="end this browser session")
     async def logout(request: Request) -> Response:
         ctx.sessions.close(request.cookies.get(SESSION_COOKIE))
         response = Response(status_code=204)
-        response.delete_cookie(SESSION_COOKIE, path="/", httponly=True, samesite="strict")
+        response.delete_cookie(SESSION_COOKIE, path="/", httponly=True, samesite="strict", secure=_secure(ctx, request))
         return response
 
     @app.get("/api/v1/me", tags=["auth"], summary="the token this request is authenticated with")
@@ -218,7 +247,12 @@ def create_app(ctx: ServeContext) -> FastAPI:
     async def login_page() -> Response:
         return _page("login.html", "streamer: log in")
 
+    @app.get("/docs", include_in_schema=False)
+    async def docs() -> Response:
+        return _page("docs.html", "streamer API")
+
     app.mount("/static", StaticFiles(directory=STATIC_DIR, check_dir=False), name="static")
+    app.mount(DOCS_ASSETS, StaticFiles(directory=_swagger_ui_dir(), check_dir=False), name="docs-assets")
     app.add_middleware(AuthMiddleware, ctx=ctx)  # before any route
     app.add_middleware(errors.CatchAll)  # outermost: a bug in auth is one sentence too
     if ctx.supervisor is not None and hasattr(ctx.supervisor, "add_tap"):

@@ -25,6 +25,8 @@ class ServeContext:
     tokens: TokenStore
     engine: Any = None  # streamer.engine.FaceEngine; None = built from settings on first use
     supervisor: Any = None  # streamer.pipeline.run.Supervisor, or None (image and gallery routes only)
+    # streamer.match.strangers.StrangerBook: the supervisor's own (supervisor.strangers) unless given.
+    strangers: Any = None
     gallery_path: Any = None  # the gallery's location: a Path, or a PostgreSQL URL (SecretStr)
     sessions: Sessions = field(default_factory=Sessions)
     limiter: LoginLimiter | None = None
@@ -43,6 +45,8 @@ class ServeContext:
 
             where = location(self.settings.gallery)  # a path, or a postgresql:// URL (SecretStr)
             self.gallery_path = Path(where) if isinstance(where, (str, Path)) else where
+        if self.strangers is None and self.supervisor is not None:
+            self.strangers = getattr(self.supervisor, "strangers", None)
         if self.limiter is None:
             self.limiter = LoginLimiter(serve.login_attempts_per_minute)
         if self.events is None:
@@ -76,6 +80,12 @@ class ServeContext:
         if self.supervisor is None:
             raise APIError(503, "no pipeline runs in this server (start it with `streamer serve`)")
         return self.supervisor
+
+    def require_strangers(self) -> Any:
+        if self.strangers is None:
+            raise APIError(503, "no pipeline runs in this server, so there are no strangers (start it with "
+                                "`streamer serve`)")
+        return self.strangers
 
     def require_gallery(self) -> Any:
         if self.gallery_path is None:

@@ -28,6 +28,12 @@ START_TIMEOUT_S = 20.0
 STOP_TIMEOUT_S = 5.0
 
 
+def _loopback(host: str) -> bool:
+    from streamer.sockets import is_loopback
+
+    return is_loopback(f"tcp://[{host}]:1" if ":" in host else f"tcp://{host}:1")
+
+
 def bind_socket(host: str, port: int, setting: str = "serve.bind") -> socket.socket:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
@@ -45,19 +51,37 @@ def bind_socket(host: str, port: int, setting: str = "serve.bind") -> socket.soc
     return sock
 
 
-class HttpServer:
-    """uvicorn on an already bound socket, in a daemon thread."""
+def check_tls(cert_file: Path, key_file: Path) -> None:
+    """Load the pair once now, so a bad certificate or key is one line at start, not a dead server thread."""
+    import ssl
 
-    def __init__(self, app: Any, sock: socket.socket, ctx: ServeContext | None = None) -> None:
+    try:
+        ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(cert_file, key_file, password=lambda: b"")
+    except (ssl.SSLError, OSError, ValueError) as exc:
+        raise ConfigError(
+            f"serve.tls_cert_file {cert_file} / serve.tls_key_file {key_file}: cannot use them for HTTPS "
+            f"({getattr(exc, 'reason', None) or exc}); give a PEM certificate and its unencrypted PEM key"
+        ) from None
+
+
+class HttpServer:
+    """uvicorn on an already bound socket, in a daemon thread; HTTPS when given a certificate and its key."""
+
+    def __init__(self, app: Any, sock: socket.socket, ctx: ServeContext | None = None,
+                 tls: tuple[Path, Path] | None = None) -> None:
         import uvicorn
 
         self.sock = sock
         self.ctx = ctx
         host, port = sock.getsockname()[:2]
         self.address = (str(host), int(port))
+        if tls is not None:
+            check_tls(*tls)
+        self.scheme = "https" if tls is not None else "http"
         config = uvicorn.Config(
             app, log_config=None, access_log=False, lifespan="off", timeout_graceful_shutdown=3,
             ws_max_size=1 << 20, server_header=False,
+            ssl_certfile=str(tls[0]) if tls else None, ssl_keyfile=str(tls[1]) if tls else None,
         )
         self.server = uvicorn.Server(config)
         self.error: BaseException | None = None
@@ -66,7 +90,7 @@ class HttpServer:
     @property
     def url(self) -> str:
         host, port = self.address
-        return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+        return f"{self.scheme}://[{host}]:{port}" if ":" in host else f"{self.scheme}://{host}:{port}"
 
     def _run(self) -> None:
         try:
@@ -121,6 +145,10 @@ def run_serve(settings: Settings, config_file: str | Path | None = None) -> int:
     try:
         tokens = open_token_store(settings, config_file)
         tokens.records()  # a store that cannot be read fails now, in one line
+        serve = settings.serve
+        tls = (serve.tls_cert_file, serve.tls_key_file) if serve.tls else None
+        if tls is not None:
+            check_tls(*tls)  # before the pipeline starts anything
         gallery = settings.gallery.path
         if gallery is not None and not Path(gallery).exists():
             # An empty gallery, so the pipeline has one to watch: the console enrols the first person into it.
@@ -132,7 +160,11 @@ def run_serve(settings: Settings, config_file: str | Path | None = None) -> int:
         sock.close()
         raise
     ctx = ServeContext(settings=settings, tokens=tokens, supervisor=supervisor)
-    http = HttpServer(create_app(ctx), sock, ctx)
+    http = HttpServer(create_app(ctx), sock, ctx, tls=tls)
+    if tls is None and not _loopback(host):  # allowed by serve.allow_plain_http only
+        log.warning("the console on %s is plain HTTP beyond loopback: tokens, session cookies and faces cross the "
+                    "network in clear unless a TLS proxy is in front (serve.tls_cert_file/serve.tls_key_file)",
+                    settings.serve.bind)
     stop = threading.Event()
 
     def on_signal(*_: object) -> None:

@@ -106,3 +106,9 @@ class UnknownStore:
                 while len(self._done) > DISMISSED_KEPT:
                     self._done.popitem(last=False)
             return found
+
+    def discard_stranger(self, stranger: str) -> int:
+        """Retire every unknown of one stranger id (the stranger was promoted to a person)."""
+        with self._lock:
+            keys = [key for key, item in self._items.items() if item.stranger == stranger]
+        return sum(self.discard(key) for key in keys)

@@ -12,6 +12,13 @@ A tentative track that misses one frame is dropped silently. A confirmed track s
 
 State is held as stacked arrays (structure of arrays) so prediction, IoU and Kalman correction are
 one numpy call per frame for all tracks.
+
+Frames without detection (adaptive detection, streamer.track.processor): `predict` advances the motion
+model one frame and reports the live confirmed tracks at their predicted boxes. It neither hits nor misses
+a track that was matched on its last detection (`min_hits` counts detections); a track already lost counts
+the frame as missed, so `max_missed` stays in frames. `all_stable` says when skipping detection is safe:
+every track confirmed, matched on its last detections in a row at a high score, or lost long enough that
+it is more likely gone than hidden for a moment.
 """
 
 from __future__ import annotations
@@ -24,7 +31,7 @@ import numpy as np
 from scipy.optimize import linear_sum_assignment
 
 from streamer.track import kalman
-from streamer.types import Faces
+from streamer.types import Faces, LandmarkScheme
 
 if TYPE_CHECKING:
     from streamer.config import TrackerSettings
@@ -64,7 +71,9 @@ class TrackInfo:
     last_frame: int
     first_timestamp: float
     last_timestamp: float
-    frames_seen: int  # frames in which a detection was matched to the track
+    # frames in which a detection was matched to the track, plus the predicted frames (no detection run)
+    # between two of its matched detections: what it would have been seen on with detection on every frame
+    frames_seen: int
     box: tuple[float, float, float, float]  # last matched detection box, x1 y1 x2 y2
 
     @property
@@ -129,10 +138,14 @@ class _Tracks:
         self.first_ts = np.zeros(0, np.float64)
         self.last_ts = np.zeros(0, np.float64)
         self.box = np.zeros((0, 4), np.float64)
+        self.score = np.zeros(0, np.float64)  # detector score of the last matched detection
+        self.landmarks = np.zeros((0, 0, 2), np.float64)  # of the last matched detection (K points)
+        self.predicted = np.zeros(0, np.int64)  # frames predicted without detection since the last hit
+        self.scheme = LandmarkScheme.FIVE
 
     _COLUMNS = (
         "mean", "cov", "track_id", "hits", "missed", "frames_seen",
-        "first_frame", "last_frame", "first_ts", "last_ts", "box",
+        "first_frame", "last_frame", "first_ts", "last_ts", "box", "score", "landmarks", "predicted",
     )  # fmt: skip
 
     def __len__(self) -> int:
@@ -142,8 +155,12 @@ class _Tracks:
         for name in self._COLUMNS:
             setattr(self, name, getattr(self, name)[mask])
 
-    def add(self, boxes: np.ndarray, frame_index: int, timestamp: float) -> None:
+    def add(self, faces: Faces, frame_index: int, timestamp: float) -> None:
+        boxes = faces.boxes
         n = len(boxes)
+        if not len(self):  # the landmark count comes with the detector's scheme
+            self.scheme = faces.scheme
+            self.landmarks = np.zeros((0, *faces.landmarks.shape[1:]), np.float64)
         mean, cov = kalman.initiate(kalman.xyxy_to_xyah(boxes))
         new = {
             "mean": mean,
@@ -157,6 +174,9 @@ class _Tracks:
             "first_ts": np.full(n, timestamp, np.float64),
             "last_ts": np.full(n, timestamp, np.float64),
             "box": np.asarray(boxes, np.float64).reshape(n, 4),
+            "score": faces.scores.astype(np.float64),
+            "landmarks": faces.landmarks.astype(np.float64),
+            "predicted": np.zeros(n, np.int64),
         }
         for name in self._COLUMNS:
             setattr(self, name, np.concatenate([getattr(self, name), new[name]]))
@@ -230,20 +250,56 @@ class ByteTracker:
     def flush(self) -> list[TrackInfo]:
         """End every live confirmed track (shutdown, end of file) and clear the tracker."""
         tracks = self._tracks
+        # Frames predicted since a live track's last hit count as seen: it was there, only not detected on.
+        tracks.frames_seen[tracks.missed == 0] += tracks.predicted[tracks.missed == 0]
         ended = [tracks.info(row) for row in np.flatnonzero(tracks.track_id >= 0)]
         self.reset()
         return ended
+
+    def all_stable(self, min_hits: int) -> bool:
+        """True when detection may pause: every track is confirmed and either matched on its last `min_hits`
+        detections in a row (the last one at a high score) or lost for more than `min_hits` frames. True
+        with no tracks. A tentative or recently lost track wants every frame (to confirm it, to find it
+        again); one lost longer coasts until max_missed and still matches if it comes back."""
+        tracks = self._tracks
+        seen = (tracks.hits >= min_hits) & (tracks.missed == 0) & (tracks.score >= self.high_threshold)
+        gone = tracks.missed > min_hits
+        return bool(np.all((tracks.track_id >= 0) & (seen | gone)))
+
+    def predict(self) -> Faces:
+        """A frame without detection: advance every track one frame; live confirmed tracks (matched on
+        their last detection) at their predicted boxes, with their last score and landmarks moved along."""
+        tracks = self._tracks
+        self._advance()
+        tracks.predicted += 1
+        tracks.missed[tracks.missed > 0] += 1  # ended at the next detection once beyond max_missed
+        rows = np.flatnonzero((tracks.track_id >= 0) & (tracks.missed == 0))
+        if not len(rows):
+            return Faces.empty(tracks.scheme)
+        boxes = kalman.xyah_to_xyxy(tracks.mean[rows, :4])
+        old = tracks.box[rows]
+        # Landmarks follow the box: the same place relative to it (scaled with its size, moved with it).
+        old_wh = np.maximum(old[:, 2:] - old[:, :2], 1e-6)
+        scale = (boxes[:, 2:] - boxes[:, :2]) / old_wh
+        landmarks = (tracks.landmarks[rows] - old[:, None, :2]) * scale[:, None, :] + boxes[:, None, :2]
+        return Faces(boxes=boxes, scores=tracks.score[rows], landmarks=landmarks,
+                     scheme=tracks.scheme, track_ids=tracks.track_id[rows])
+
+    def _advance(self) -> None:
+        """One frame of the motion model. Lost tracks keep drifting but stop growing/shrinking (ByteTrack
+        zeroes vh)."""
+        tracks = self._tracks
+        if len(tracks):
+            mean = tracks.mean.copy()
+            mean[tracks.missed > 0, 7] = 0.0
+            tracks.mean, tracks.cov = kalman.predict(mean, tracks.cov)
 
     def update(self, faces: Faces, frame_index: int, timestamp: float) -> TrackUpdate:
         """Associate this frame's detections; each call advances the motion model by one step."""
         tracks = self._tracks
         n_tracks = len(tracks)
 
-        # Predict. Lost tracks keep drifting but stop growing/shrinking (ByteTrack zeroes vh).
-        if n_tracks:
-            mean = tracks.mean.copy()
-            mean[tracks.missed > 0, 7] = 0.0
-            tracks.mean, tracks.cov = kalman.predict(mean, tracks.cov)
+        self._advance()
         predicted = kalman.xyah_to_xyxy(tracks.mean[:, :4]) if n_tracks else np.zeros((0, 4))
 
         scores = faces.scores
@@ -276,14 +332,19 @@ class ByteTracker:
                 tracks.mean[matched], tracks.cov[matched], kalman.xyxy_to_xyah(boxes)
             )
             tracks.hits[matched] += 1
-            tracks.frames_seen[matched] += 1
+            tracks.frames_seen[matched] += 1 + tracks.predicted[matched]
             tracks.missed[matched] = 0
             tracks.last_frame[matched] = frame_index
             tracks.last_ts[matched] = timestamp
             tracks.box[matched] = boxes
+            tracks.score[matched] = faces.scores[det]
+            if tracks.landmarks.shape[1:] == faces.landmarks.shape[1:]:
+                tracks.landmarks[matched] = faces.landmarks[det]
         unmatched = det_of_track < 0
         tracks.hits[unmatched] = 0
         tracks.missed[unmatched] += 1
+        # Matched: counted above. Missed: the frames predicted since its last hit were not seen after all.
+        tracks.predicted[:] = 0
 
         # End confirmed tracks missing too long; drop tentative ones at their first miss.
         ended_rows = np.flatnonzero(unmatched & (tracks.track_id >= 0) & (tracks.missed > self.max_missed))
@@ -295,7 +356,7 @@ class ByteTracker:
         # Unmatched high-score detections start tentative tracks.
         new = high[~matched_high[high]]
         if len(new):
-            tracks.add(faces.boxes[new], frame_index, timestamp)
+            tracks.add(faces[new], frame_index, timestamp)
             det_of_track = np.concatenate([det_of_track, new])
 
         # Confirm tentative tracks with enough consecutive hits.

@@ -201,6 +201,24 @@ class InferenceGate:
         self._touch(ids)
         return np.asarray(chosen, np.int64)
 
+    def refresh_due(self, track_ids: list[int] | np.ndarray, timestamp: float) -> bool:
+        """Whether `select` would infer one of these tracks at `timestamp` because it is new or its refresh
+        is due (a better view can only be seen on a detected frame). Records nothing: adaptive detection
+        asks this to detect on such a frame rather than predict, so names come as early as with detection
+        on every frame."""
+        for tid in np.asarray(track_ids, np.int64).reshape(-1).tolist():
+            if tid < 0:
+                continue
+            state = self._tracks.get(tid)
+            if state is None:
+                return True
+            if state.count >= self.max_per_track:
+                continue
+            interval = self.warmup_refresh_s if state.count < self.warmup_count else self.refresh_s
+            if timestamp < state.last_time or timestamp - state.last_time >= interval:
+                return True
+        return False
+
     def forget(self, track_ids: list[int] | np.ndarray) -> None:
         for tid in np.asarray(track_ids, np.int64).reshape(-1).tolist():
             self._tracks.pop(tid, None)

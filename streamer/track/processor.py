@@ -1,6 +1,15 @@
 """One stream's frame-by-frame work: scene cut, detect, track, gate. Out come track events and the chips
 that need inference; no sockets, no threads, no models of its own (the detector and the chip preparer
 are handed in), so it is tested with synthetic frames.
+
+Adaptive detection: the detector (about 8 ms a 720p frame for YuNet on one core) runs on every `interval`-th
+frame while any track is new or uncertain (tentative, fewer than `stable_hits` detections in a row, missed
+on its last detection, or last seen at a low score), and only every `max_interval`-th frame while every
+track is stable (an empty scene included, so a newcomer waits at most `max_interval` frames). In between,
+the Kalman filter predicts: such a frame still yields the tracked faces (at their predicted boxes) and the
+throttled track.updated events, but no chips, unless the inference gate wants a face of a live track now,
+in which case that frame is detected instead (names come as early as with detection on every frame). A
+scene cut is always detected on.
 """
 
 from __future__ import annotations
@@ -12,7 +21,7 @@ from typing import Protocol
 import numpy as np
 
 from streamer.publish.events import Event, TrackEnded, TrackEndReason, TrackStarted, TrackUpdated
-from streamer.track.bytetrack import ByteTracker, IdCounter, TrackInfo
+from streamer.track.bytetrack import ByteTracker, IdCounter, TrackInfo, box_iou
 from streamer.track.gate import InferenceGate, face_quality
 from streamer.track.scenecut import SceneCutDetector
 from streamer.types import Faces, Frame, rounded_box
@@ -57,8 +66,8 @@ class ChipBatch:
 
 @dataclass(frozen=True, eq=False)
 class Step:
-    """What one frame produced. `detections` / `tracked` are None on frames that were not detected on
-    (detector.interval > 1); drawing then reuses the last ones."""
+    """What one frame produced. `detections` is None on frames that were not detected on (adaptive detection);
+    `tracked` then holds the live confirmed tracks at their predicted boxes (landmarks moved along)."""
 
     events: list[Event] = field(default_factory=list)
     chips: ChipBatch | None = None
@@ -78,10 +87,16 @@ class StreamProcessor:
         gate: InferenceGate,
         scene_cuts: SceneCutDetector | None = None,
         interval: int = 1,
+        max_interval: int | None = None,
+        stable_hits: int = 5,
         track_update_s: float = 1.0,
     ) -> None:
         if interval < 1:
             raise ValueError(f"StreamProcessor: interval must be >= 1, got {interval}")
+        if max_interval is not None and max_interval < interval:
+            raise ValueError(f"StreamProcessor: max_interval must be >= interval ({interval}), got {max_interval}")
+        if stable_hits < 1:
+            raise ValueError(f"StreamProcessor: stable_hits must be >= 1, got {stable_hits}")
         self.stream = stream_id
         self.detector = detector
         self.prepare = prepare
@@ -89,10 +104,16 @@ class StreamProcessor:
         self.gate = gate
         self.scene_cuts = scene_cuts
         self.interval = int(interval)
+        self.max_interval = int(max_interval) if max_interval is not None else self.interval
+        self.stable_hits = int(stable_hits)
         self.track_update_s = float(track_update_s)
         self.frames = 0
+        self.detected_frames = 0  # frames the detector ran on (frames - detected_frames were predicted)
+        self._last_detected: int | None = None  # processor index of the last detected frame
+        self._untracked = Faces.empty()  # detections of the last detected frame that no confirmed track holds
         self.last_frame: Frame | None = None
-        # The last frame's detections (all, and those of confirmed tracks), for drawing in-between frames.
+        # The last frame's detections (all, and those of confirmed tracks), for drawing; on a predicted frame
+        # the predicted tracks (plus the last detected faces that no track holds, in last_detections).
         self.last_detections: Faces | None = None
         self.last_tracked: Faces | None = None
         self._last_update: dict[int, float] = {}  # track -> pts of its last track.started/updated event
@@ -111,6 +132,8 @@ class StreamProcessor:
             gate=InferenceGate.from_settings(settings.recognition),
             scene_cuts=SceneCutDetector(threshold) if threshold > 0 else None,
             interval=settings.detector.interval,
+            max_interval=settings.detector.max_interval,
+            stable_hits=settings.detector.stable_hits,
             track_update_s=settings.publish.track_update_s,
         )
 
@@ -126,15 +149,25 @@ class StreamProcessor:
         self.last_frame = frame
         index = self.frames
         self.frames += 1
-        # With interval > 1 the frames in between are only counted (and drawn with the last boxes): the
-        # tracker sees every n-th frame as consecutive steps.
-        if index % self.interval:
-            return Step()
         events: list[Event] = []
         ended: list[int] = []
-        if self.scene_cuts is not None and self.scene_cuts.is_cut(frame.image):
+        cut = self.scene_cuts is not None and self.scene_cuts.is_cut(frame.image)
+        if cut:
             # A new shot: the faces before the cut are gone, whatever the motion model predicts.
             self._end(self.tracker.flush(), "scene_cut", events, ended)
+        if not cut and not self._detect_now(index, frame.pts):
+            faces = self.tracker.predict()
+            events.extend(self._updates(frame, faces))
+            # Drawn: the tracks where predicted, and faces no track holds where last detected (so that
+            # output.blur_unknown still covers them).
+            if not len(self._untracked):
+                self.last_detections = faces
+            else:
+                self.last_detections = Faces.merge([faces, self._untracked]) if len(faces) else self._untracked
+            self.last_tracked = faces
+            return Step(events=events, tracked=faces)
+        self._last_detected = index
+        self.detected_frames += 1
         detections = self.detector.detect(frame.image)
         update = self.tracker.update(detections, frame.index, frame.pts)
         for info in update.started:
@@ -160,7 +193,20 @@ class StreamProcessor:
                 quality=face_quality(frame.image, chosen),
             )
         self.last_detections, self.last_tracked = detections, faces
+        self._untracked = _untracked(detections, faces)
         return Step(events=events, chips=chips, ended=ended, detections=detections, tracked=faces)
+
+    def _detect_now(self, index: int, pts: float) -> bool:
+        """The adaptive schedule: is this frame due for detection (see the module docstring)?"""
+        if self._last_detected is None:
+            return True
+        gap = index - self._last_detected
+        if gap >= self.max_interval:
+            return True
+        if gap < self.interval:
+            return False
+        # Only confirmed live tracks can be inferred; tentative ones already make the scene unstable.
+        return not self.tracker.all_stable(self.stable_hits) or self.gate.refresh_due(self.live_tracks, pts)
 
     def end_all(self, reason: TrackEndReason) -> Step:
         """End every live track (source lost, end of input, stop); the stream may go on afterwards."""
@@ -169,6 +215,8 @@ class StreamProcessor:
         self._end(self.tracker.flush(), reason, events, ended)
         if self.scene_cuts is not None:
             self.scene_cuts.reset()
+        self._last_detected = None  # whatever comes next is detected on at once
+        self._untracked = Faces.empty()
         return Step(events=events, ended=ended)
 
     def _updates(self, frame: Frame, faces: Faces) -> list[Event]:
@@ -206,3 +254,12 @@ class StreamProcessor:
             self._last_update.pop(info.track_id, None)
         if ended:
             self.gate.forget(ended)
+
+
+def _untracked(detections: Faces, tracked: Faces) -> Faces:
+    """Rows of `detections` that are not in `tracked` (the tracker reports confirmed tracks' detections as
+    they were detected, so a held row has an identical box)."""
+    if not len(detections) or not len(tracked):
+        return detections
+    held = (box_iou(detections.boxes, tracked.boxes) > 0.999).any(axis=1)
+    return detections[~held]

@@ -1,5 +1,7 @@
 // Face library: people with face counts, enrol by upload, rename, delete (after a confirmation), and the
-// recent unknown faces the server keeps in memory: "this is ..." enrols one, "dismiss" forgets it.
+// recent unknown faces the server keeps in memory: "this is ..." enrols one, "dismiss" forgets it; and the
+// strangers (u-17: one id for one unknown person across tracks and cameras): "promote" enrols a stranger's
+// best faces under a name, "forget" drops the stranger.
 import { api, enc, privateImage } from "./api.js";
 import { h, when, flash, confirmDialog } from "./dom.js";
 
@@ -14,6 +16,11 @@ export function mount(view) {
   const unknowns = h("div", { class: "cards", testid: "unknowns" });
   const noUnknowns = h("p", { class: "empty" }, "No unknown face seen recently.");
   const more = h("p", { class: "hint", testid: "unknowns-more" });
+  const strangers = h("div", { class: "cards", testid: "strangers" });
+  const noStrangers = h("p", { class: "empty" }, "No stranger seen lately.");
+  const strangersSection = h("section", { hidden: true, testid: "strangers-section" }, h("h2", {}, "Strangers"),
+    h("p", { class: "hint" }, "The same unknown person across tracks and cameras, under one id. Memory only."),
+    noStrangers, strangers);
 
   const nameInput = h("input", { name: "name", required: true, list: "people-names", autocomplete: "off",
     placeholder: "Ada Lovelace", testid: "enrol-name" });
@@ -34,12 +41,14 @@ export function mount(view) {
     h("section", {}, h("h2", {}, "Recent unknowns"),
       h("p", { class: "hint" }, "Faces seen recently that matched nobody. Kept in memory only, for a few minutes."),
       noUnknowns, unknowns, more),
+    strangersSection,
   );
 
   let known = [];  // [{name, faces}]
   let stopped = false;
   let timer = null;
   const cards = new Map();  // unknown id -> {el, url}
+  const strangerCards = new Map();  // stranger id -> {el, url, seen}
 
   // -- people ---------------------------------------------------------------------------------------------
 
@@ -142,7 +151,8 @@ export function mount(view) {
     const form = h("form", { class: "this-is" }, who, thisIs);
     const el = h("article", { class: "card", testid: `unknown-${unknown.id}` }, img,
       h("div", { class: "meta" },
-        h("strong", {}, unknown.stranger || "unknown"), h("span", {}, `${unknown.stream} · track ${unknown.track}`),
+        h("strong", { testid: `unknown-stranger-${unknown.id}` }, unknown.stranger || "unknown"),
+        h("span", {}, `${unknown.stream} · track ${unknown.track}`),
         seen),
       form, dismiss);
     const card = { el, url: null, seen };
@@ -215,7 +225,93 @@ export function mount(view) {
     } catch (error) {
       if (!stopped) flash(message, error.message);
     }
+    await loadStrangers();
+    clearTimeout(timer);  // one poll chain, even when an action reloaded meanwhile
     if (!stopped) timer = setTimeout(loadUnknowns, UNKNOWNS_POLL_MS);
+  }
+
+  // -- strangers ------------------------------------------------------------------------------------------
+
+  function strangerCard(stranger) {
+    const img = h("img", { alt: "", class: "thumb", testid: `stranger-thumb-${stranger.id}` });
+    const who = h("input", { list: "people-names", required: true, autocomplete: "off", placeholder: "name",
+      "aria-label": `who ${stranger.id} is`, testid: `stranger-name-${stranger.id}` });
+    const promote = h("button", { type: "submit", testid: `stranger-promote-${stranger.id}` }, "Promote");
+    const forget = h("button", { type: "button", class: "small", testid: `stranger-forget-${stranger.id}` }, "Forget");
+    const seen = h("span", { class: "seen" });
+    const form = h("form", { class: "this-is" }, who, promote);
+    const el = h("article", { class: "card", testid: `stranger-${stranger.id}` }, stranger.thumbnail ? img : null,
+      h("div", { class: "meta" }, h("strong", {}, stranger.id), seen), form, forget);
+    const card = { el, url: null, seen };
+    async function act(call, done) {
+      message.replaceChildren();
+      promote.disabled = true;
+      try {
+        flash(message, done(await call()), "ok");
+        dropStranger(stranger.id);
+        loadPeople();
+        loadUnknowns();  // a promoted stranger's recent unknowns are enrolled too
+      } catch (error) {
+        flash(message, error.message);
+        promote.disabled = false;
+      }
+    }
+    form.addEventListener("submit", (event) => {
+      event.preventDefault();
+      const name = who.value.trim();
+      if (!name) return;
+      act(() => api(`/api/v1/strangers/${enc(stranger.id)}/promote`, { method: "POST", json: { name } }),
+        (r) => `Enrolled ${stranger.id} as ${r.name}: ${r.added} ${r.added === 1 ? "face" : "faces"} added.`);
+    });
+    forget.addEventListener("click", () => act(() => api(`/api/v1/strangers/${enc(stranger.id)}`,
+      { method: "DELETE" }), () => `Forgot ${stranger.id}.`));
+    if (stranger.thumbnail) {
+      privateImage(`/api/v1/strangers/${enc(stranger.id)}/thumbnail.jpg`).then((url) => {
+        if (stopped || !strangerCards.has(stranger.id)) return URL.revokeObjectURL(url);
+        card.url = url;
+        img.src = url;
+        img.alt = `best face of ${stranger.id}`;
+      }).catch(() => img.classList.add("missing"));
+    }
+    return card;
+  }
+
+  function dropStranger(id) {
+    const card = strangerCards.get(id);
+    if (!card) return;
+    card.el.remove();
+    if (card.url) URL.revokeObjectURL(card.url);
+    strangerCards.delete(id);
+    noStrangers.hidden = strangerCards.size > 0;
+  }
+
+  async function loadStrangers() {
+    let body;
+    try {
+      body = await api("/api/v1/strangers");
+    } catch (error) {
+      // 503: no pipeline in this server, so no strangers: the section stays hidden.
+      if (!stopped && error.status !== 503) flash(message, error.message);
+      return;
+    }
+    if (stopped) return;
+    strangersSection.hidden = false;
+    // Newest first by first sighting, as the unknowns: a card being typed into does not move.
+    const list = (body.strangers || []).slice().sort((a, b) => b.first_seen - a.first_seen).slice(0, MAX_CARDS);
+    const current = new Set(list.map((s) => s.id));
+    for (const id of [...strangerCards.keys()]) if (!current.has(id)) dropStranger(id);
+    list.forEach((stranger, index) => {
+      let card = strangerCards.get(stranger.id);
+      if (!card) {
+        card = strangerCard(stranger);
+        strangerCards.set(stranger.id, card);
+      }
+      const tracks = `${stranger.tracks} ${stranger.tracks === 1 ? "track" : "tracks"}`;
+      card.seen.textContent = `${tracks} on ${stranger.streams.join(", ")} · last seen ${when(stranger.last_seen)}`;
+      const there = strangers.children[index];
+      if (there !== card.el) strangers.insertBefore(card.el, there || null);
+    });
+    noStrangers.hidden = strangerCards.size > 0;
   }
 
   loadPeople();
@@ -225,5 +321,6 @@ export function mount(view) {
     stopped = true;
     clearTimeout(timer);
     for (const id of [...cards.keys()]) dropCard(id);
+    for (const id of [...strangerCards.keys()]) dropStranger(id);
   };
 }
