@@ -189,6 +189,8 @@ def test_a_resend_of_the_same_seq_is_stored_once(cluster):
 
 def test_hostile_messages_are_skipped_with_a_warning(cluster, caplog):
     import nats
+    import nats.errors
+    import nats.js.errors
 
     settings = NatsSettings(servers=cluster.urls, stream="HOSTILE", subject_prefix="hostile", max_bytes=SMALL)
     sink = NatsSink(settings)
@@ -205,12 +207,26 @@ def test_hostile_messages_are_skipped_with_a_warning(cluster, caplog):
     async def inject() -> None:
         nc = await nats.connect(cluster.urls)
         js = nc.jetstream()
-        await js.publish("hostile.identity.cam0", b"not json")
-        await js.publish("hostile.heartbeat._", identity.payload())  # a payload its subject does not describe
-        await js.publish("hostile.track_started.%ZZ%FF", started(4).payload())  # a broken escape
-        await js.publish("hostile.identity.cam0", identity.model_copy(update={"seq": 0}).payload())  # seq 0
-        await js.publish("hostile.identity.cam0.x", identity.payload())  # another depth: not an event subject
-        await js.publish("hostile.identity.cam0", identity.payload())  # the one valid injection
+
+        async def publish(subject: str, data: bytes) -> None:
+            # On 2 busy cores the stream's leader can be briefly unreachable from the node we reached
+            # ("no response from stream"): retry for a while, as any JetStream client would.
+            deadline = time.monotonic() + 20
+            while True:
+                try:
+                    await js.publish(subject, data, timeout=5)
+                    return
+                except (nats.js.errors.NoStreamResponseError, nats.errors.TimeoutError):
+                    if time.monotonic() > deadline:
+                        raise
+                    await asyncio.sleep(0.2)
+
+        await publish("hostile.identity.cam0", b"not json")
+        await publish("hostile.heartbeat._", identity.payload())  # a payload its subject does not describe
+        await publish("hostile.track_started.%ZZ%FF", started(4).payload())  # a broken escape
+        await publish("hostile.identity.cam0", identity.model_copy(update={"seq": 0}).payload())  # seq 0
+        await publish("hostile.identity.cam0.x", identity.payload())  # another depth: not an event subject
+        await publish("hostile.identity.cam0", identity.payload())  # the one valid injection
         await nc.close()
 
     asyncio.run(inject())
