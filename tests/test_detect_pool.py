@@ -201,9 +201,10 @@ def test_killed_worker_restarts_with_its_shard_and_a_runtime_source_lands(model_
         run.wait(lambda e: e.kind == "stream.status" and e.stream == "door" and e.status == "ended", 30,
                  "the added stream removed")
         assert "door" not in supervisor._holder
-        beat = run.wait(lambda e: e.kind == "heartbeat" and set(e.streams) == {"lobby", "stage"}, 10,
-                        "a heartbeat of both shards", after=len(run.events))
-        assert all(info.frames > 0 for info in beat.streams.values())
+        # The shards report on their own clocks: a heartbeat may come before the restarted one's first numbers.
+        run.wait(lambda e: e.kind == "heartbeat" and set(e.streams) == {"lobby", "stage"}
+                 and all(info.frames > 0 for info in e.streams.values()), 20,
+                 "a heartbeat with both shards' frames", after=len(run.events))
     finally:
         supervisor.request_stop()
         run.thread.join(60)
