@@ -131,16 +131,7 @@ SAME, DIFFERENT = 0, 1
 
 
 def _verify_fields(result: Any) -> dict[str, Any]:
-    return {
-        "verified": result.verified,
-        "distance": result.distance,
-        "threshold": result.threshold,
-        "model": result.model,
-        "model_id": result.model_id,
-        "detector": result.detector,
-        "metric": result.metric,
-        "facial_areas": {"img_a": list(result.face_a), "img_b": list(result.face_b)},
-    }
+    return result.fields()
 
 
 def _verdict(row: dict[str, Any]) -> str:

@@ -104,6 +104,19 @@ class VerifyResult:
     face_a: tuple[float, float, float, float]
     face_b: tuple[float, float, float, float]
 
+    def fields(self) -> dict:
+        """The JSON of `streamer verify --json` and POST /api/v1/verify (one shape for both)."""
+        return {
+            "verified": self.verified,
+            "distance": self.distance,
+            "threshold": self.threshold,
+            "model": self.model,
+            "model_id": self.model_id,
+            "detector": self.detector,
+            "metric": self.metric,
+            "facial_areas": {"img_a": list(self.face_a), "img_b": list(self.face_b)},
+        }
+
 
 @dataclass(frozen=True)
 class AnalyzedFace:

@@ -46,17 +46,23 @@ WINDOW = "first frame read -> last result published (decode: last frame decoded)
 REAL_TIME_DROP = 0.01  # a live stream holds real time while it drops less than this share of its frames
 
 
-# -- the shared decode loop (decode, serial_tracked and per_frame_all_models) ---------------------------------
-def read_frames(path: str, max_frames: int | None = None) -> Iterator[Frame]:
-    """Frames of `path` decoded inline (no reader thread), `decoded_at` stamped when the BGR image exists."""
+def _open_video(path: str) -> tuple[Any, Any]:
+    """The container of `path` and its first video stream; InputError (one line) when there is none."""
     try:
         container = av.open(path)
     except (av.error.FFmpegError, OSError) as exc:
         raise InputError(f"{path}: cannot open video ({exc})") from None
+    if not container.streams.video:
+        container.close()
+        raise InputError(f"{path}: no video stream")
+    return container, container.streams.video[0]
+
+
+# -- the shared decode loop (decode, serial_tracked and per_frame_all_models) ---------------------------------
+def read_frames(path: str, max_frames: int | None = None) -> Iterator[Frame]:
+    """Frames of `path` decoded inline (no reader thread), `decoded_at` stamped when the BGR image exists."""
+    container, stream = _open_video(path)
     with container:
-        if not container.streams.video:
-            raise InputError(f"{path}: no video stream")
-        stream = container.streams.video[0]
         stream.thread_type = "AUTO"  # as the pipeline's source does
         for index, frame in enumerate(container.decode(stream)):
             if max_frames is not None and index >= max_frames:
@@ -313,14 +319,8 @@ def format_report(result: Mapping[str, Any]) -> str:
 # -- many streams (--streams K) -------------------------------------------------------------------------------
 def clip_info(path: str) -> dict[str, Any]:
     """Width, height, frame rate and frame count of a clip (the count decoded when the header lacks it)."""
-    try:
-        container = av.open(path)
-    except (av.error.FFmpegError, OSError) as exc:
-        raise InputError(f"{path}: cannot open video ({exc})") from None
+    container, stream = _open_video(path)
     with container:
-        if not container.streams.video:
-            raise InputError(f"{path}: no video stream")
-        stream = container.streams.video[0]
         rate = float(stream.average_rate) if stream.average_rate else None
         frames = stream.frames or sum(1 for _ in container.decode(stream))
         return {"width": stream.width, "height": stream.height, "fps": _round(rate, 3), "frames": frames}

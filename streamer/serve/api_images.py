@@ -66,17 +66,8 @@ def call(fn: Any, image: np.ndarray, upload: Upload, *args: Any) -> Any:
 
 
 def verify_fields(result: Any) -> dict[str, Any]:
-    """`streamer verify --json` (streamer.cli._verify_fields)."""
-    return {
-        "verified": result.verified,
-        "distance": result.distance,
-        "threshold": result.threshold,
-        "model": result.model,
-        "model_id": result.model_id,
-        "detector": result.detector,
-        "metric": result.metric,
-        "facial_areas": {"img_a": list(result.face_a), "img_b": list(result.face_b)},
-    }
+    """`streamer verify --json`."""
+    return result.fields()
 
 
 async def _images(request: Request, *names: str) -> list[tuple[Upload, np.ndarray]]:
