@@ -351,7 +351,7 @@ def _cmd_gallery_promote(args: argparse.Namespace) -> int:
     this gallery (its admin channel), else read from recognition.strangers_file when that is set."""
     import numpy as np
 
-    from streamer.match.open import open_gallery
+    from streamer.match.open import describe, is_url, location, open_gallery
     from streamer.match.strangers import StrangerStore, enrol_stranger, stranger_number
     from streamer.pipeline import admin
 
@@ -360,11 +360,13 @@ def _cmd_gallery_promote(args: argparse.Namespace) -> int:
     except ValueError as exc:
         raise InputError(f"gallery promote: {exc}") from None
     settings = _settings(args)
-    where = args.gallery or settings.gallery.path
-    if where is None or "://" in str(where):
-        raise InputError("gallery promote: which gallery? pass --gallery FILE (the file the pipeline runs with)")
-    path = Path(where)
-    _check_gallery_target(path)
+    where = location(settings.gallery)  # --gallery is in there too, as a path or a URL
+    if where is None:
+        raise InputError("gallery promote: which gallery? pass --gallery FILE or URL (the one the pipeline runs with)")
+    url = is_url(where.get_secret_value() if hasattr(where, "get_secret_value") else where)
+    path = where if url else Path(where)
+    if not url:
+        _check_gallery_target(path)
     embedder, faces, asked, source = None, [], [], None
     for pipeline in admin.find_pipelines(path):
         try:
@@ -391,9 +393,9 @@ def _cmd_gallery_promote(args: argparse.Namespace) -> int:
                              + ("the running pipeline" if asked else f"recognition.strangers_file {store_file}")
                              + " (strangers are forgotten after recognition.unknown_ttl_s; identity events carry "
                              "the current ids)")
-        raise InputError(f"gallery promote: no running pipeline with this gallery ({path}) and no "
+        raise InputError(f"gallery promote: no running pipeline with this gallery ({describe(path)}) and no "
                          "recognition.strangers_file: strangers live in a running `streamer run --gallery "
-                         f"{path}` only")
+                         f"{describe(path)}` only")
     with open_gallery(path, create=True) as gallery:
         done = enrol_stranger(gallery, args.name, args.stranger, faces, embedder)
     _report_duplicates(done.duplicates, f"already enrolled for {done.person.name}")
@@ -617,7 +619,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
     settings = _settings(args, extra)
     _check_files_exist(settings.sources)
     # The console can create the gallery (enrol from an upload); only one that exists is checked now.
-    if settings.gallery.path is not None and Path(settings.gallery.path).exists():
+    if settings.gallery.url is not None:  # a bad URL or password fails now; an empty database gets the schema
+        from streamer.match.open import open_gallery
+
+        open_gallery(settings.gallery, create=True).close()
+        _check_gallery_embedder(settings)
+    elif settings.gallery.path is not None and Path(settings.gallery.path).exists():
         _check_gallery_embedder(settings)
     elif settings.gallery.path is not None:
         _check_gallery_target(Path(settings.gallery.path))
@@ -947,7 +954,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="file, rtsp://, http(s)://, webcam:N, lavfi:GRAPH (default: sources: in --config; none: "
                    "add them from the console)")
     p.add_argument("--gallery", metavar="FILE",
-                   help="gallery of enrolled people (setting gallery.path); created by the first enrolment")
+                   help="gallery of enrolled people: a file or a postgresql:// URL (setting gallery.path or "
+                   "gallery.url); created by the first enrolment")
     p.add_argument("--bind", metavar="HOST:PORT",
                    help=f"where the console listens (default: {ServeSettings().bind}; setting serve.bind)")
     p.add_argument("--blur-unknown", action="store_true",
@@ -968,8 +976,9 @@ def build_parser() -> argparse.ArgumentParser:
     for t in tsub.choices.values():
         t.add_argument("--config", metavar="FILE", help="YAML settings file: serve.token_store, gallery.path")
         t.add_argument("--gallery", metavar="FILE",
-                       help="the gallery `streamer serve` uses: the store is beside it (FILE.tokens.json) unless "
-                       "serve.token_store is set")
+                       help="the gallery `streamer serve` uses: the store is beside a file (FILE.tokens.json); "
+                       "for a postgresql:// URL beside --config, else in ~/.config/streamer/; serve.token_store "
+                       "overrides both")
     p.set_defaults(func=cmd_tokens)
 
     p = command(sub, "events", "event format", "streamer events schema > streamer-events.schema.json")
@@ -1008,7 +1017,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = command(sub, "find", "who is in an image (1:N against a gallery)",
                 "streamer find group.jpg --gallery people.db --json", parents=(face_opts,))
     p.add_argument("image", help="image file (JPEG, PNG, ...)")
-    p.add_argument("--gallery", required=True, metavar="FILE", help="gallery file (from `streamer gallery add`)")
+    p.add_argument("--gallery", required=True, metavar="FILE",
+                   help="gallery (from `streamer gallery add`): a file or a postgresql:// URL")
     p.add_argument("--json", action="store_true", help="one JSON list of faces on stdout")
     p.set_defaults(func=cmd_find)
 
@@ -1050,7 +1060,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("new", help="the new name")
     for g in gsub.choices.values():
         g.add_argument("--gallery", required=True, metavar="FILE", help="gallery file (SQLite) or postgresql:// URL (shared)")
-    # After the loop: its --gallery may come from the settings (gallery.path) too.
+    # After the loop: its --gallery may come from the settings (gallery.path or gallery.url) too.
     g = command(gsub, "promote", "enrol a stranger (an id like u-17 from identity events) under a name",
                 "streamer gallery promote u-17 \"Ada Lovelace\" --gallery people.db", parents=(settings_opts,),
                 description="Enrol the best faces of a stranger under a name. The stranger's faces live in the "
@@ -1058,7 +1068,9 @@ def build_parser() -> argparse.ArgumentParser:
                 "gallery reload), or, with recognition.strangers_file set, in that file.")
     g.add_argument("stranger", metavar="ID", help="the stranger id, as identity events carry it (u-17)")
     g.add_argument("name", help="the name to enrol them under")
-    g.add_argument("--gallery", metavar="FILE", help="gallery file the pipeline runs with (default: gallery.path)")
+    g.add_argument("--gallery", metavar="FILE",
+                   help="the gallery the pipeline runs with: a file or a postgresql:// URL (default: gallery.path "
+                   "or gallery.url)")
     p.set_defaults(func=cmd_gallery)
 
     p = command(sub, "models", "model files: where they resolve, licences, fetching", "streamer models list",
@@ -1088,7 +1100,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("source", help="video file to measure on")
     p.add_argument("--frames", type=_whole_number("leave --frames out to use the whole clip"), metavar="N",
                    help="use at most this many frames, in every pass (default: the whole clip)")
-    p.add_argument("--gallery", metavar="FILE", help="gallery file to match against (pipeline and both baselines)")
+    p.add_argument("--gallery", metavar="FILE",
+                   help="gallery to match against (pipeline and both baselines): a file or a postgresql:// URL")
     p.add_argument(
         "--no-live",
         dest="live",

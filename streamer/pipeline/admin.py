@@ -4,10 +4,11 @@ The stranger clusters live in the supervisor's memory, so a command that enrols 
 process. The supervisor binds a ZeroMQ REP socket on ipc:// inside its private temporary folder (0700:
 only this user can connect) and announces it in a registry file of this user:
 
-    $XDG_RUNTIME_DIR/streamer/admin-<hash of the gallery's absolute path>-<pid>.json   (else the temp dir's
+    $XDG_RUNTIME_DIR/streamer/admin-<hash of the gallery's id>-<pid>.json   (else the temp dir's
     streamer-admin-<uid>/ ...; the folder 0700, the file 0600)
 
-so a command finds the pipelines that match against the gallery it is told about. Requests and replies are
+so a command finds the pipelines that match against the gallery it is told about. A gallery's id is its
+file's absolute path, or for PostgreSQL the URL's user, server, port and database (never its password). Requests and replies are
 typed (pydantic), validated on receipt, bounded in size, and every wait has a timeout; a stale registry file
 (its process gone) is removed by whoever finds it.
 
@@ -19,6 +20,7 @@ Embeddings never leave the machine on this channel: ipc:// only, and the folder 
 
 from __future__ import annotations
 
+import getpass
 import hashlib
 import logging
 import os
@@ -118,18 +120,34 @@ def _owned_private(path: Path) -> bool:
     return info.st_uid == os.getuid() and not info.st_mode & 0o077
 
 
-def gallery_key(gallery: str | Path) -> str:
-    return hashlib.sha256(str(Path(gallery).expanduser().resolve()).encode()).hexdigest()[:16]
+def gallery_id(gallery: Any) -> str:
+    """How the registry names `gallery` (a path, or a postgresql:// URL as str or SecretStr)."""
+    from streamer.match.gallery_pg import is_url, parse_url
+
+    text = gallery.get_secret_value() if hasattr(gallery, "get_secret_value") else gallery
+    if not is_url(text):
+        return str(Path(text).expanduser().resolve())
+    params = parse_url(text)
+    # libpq's defaults, so that postgresql://localhost/db and postgresql://me@localhost:5432/db are one gallery
+    user = params.get("user") or os.environ.get("PGUSER") or getpass.getuser()
+    host = params.get("host") or params.get("hostaddr") or os.environ.get("PGHOST") or "localhost"
+    port = params.get("port") or os.environ.get("PGPORT") or "5432"
+    dbname = params.get("dbname") or os.environ.get("PGDATABASE") or user
+    return f"postgresql://{user}@{host}:{port}/{dbname}"
 
 
-def find_pipelines(gallery: str | Path) -> list[Registration]:
+def gallery_key(gallery: Any) -> str:
+    return hashlib.sha256(gallery_id(gallery).encode()).hexdigest()[:16]
+
+
+def find_pipelines(gallery: Any) -> list[Registration]:
     """The running pipelines of this user that match against `gallery` (stale registrations are removed)."""
     try:
         folder = registry_dir()
     except OSError:
         return []
     found = []
-    resolved = str(Path(gallery).expanduser().resolve())
+    resolved = gallery_id(gallery)
     for path in sorted(folder.glob(f"admin-{gallery_key(gallery)}-*.json")):
         try:
             if path.is_symlink() or not _owned_private(path) or path.stat().st_size > 16 * 1024:
@@ -160,7 +178,7 @@ class AdminServer:
     """Answers admin requests from its own thread (the book is thread-safe); `close` stops it and removes
     the registry file."""
 
-    def __init__(self, book: Any, folder: str | Path, gallery: str | Path, *, context: zmq.Context | None = None) -> None:
+    def __init__(self, book: Any, folder: str | Path, gallery: Any, *, context: zmq.Context | None = None) -> None:
         self.book = book
         self.endpoint = f"ipc://{Path(folder) / 'admin'}"
         self._context = context or zmq.Context.instance()
@@ -168,7 +186,7 @@ class AdminServer:
                                    max_message_bytes=MAX_REQUEST_BYTES, setting="admin")
         self._stop = threading.Event()
         self.registry_file: Path | None = None
-        registration = Registration(gallery=str(Path(gallery).expanduser().resolve()), endpoint=self.endpoint,
+        registration = Registration(gallery=gallery_id(gallery), endpoint=self.endpoint,
                                     pid=os.getpid(), embedder=book.embedder_id, started=time.time())
         try:
             path = registry_dir() / f"admin-{gallery_key(gallery)}-{os.getpid()}.json"

@@ -337,10 +337,12 @@ class Supervisor:
         # one, in order on the events channel; stats travel on the control channel and may lag it, so the
         # heartbeat takes the state from here once there is one.
         self._inference: tuple[str, str] | None = None
-        if settings.gallery.path is not None:  # `gallery promote u-17 NAME --gallery PATH` finds us by the path
+        from streamer.match.open import location
+
+        if location(settings.gallery) is not None:  # `gallery promote u-17 NAME --gallery PATH|URL` finds us by it
             from streamer.pipeline.admin import AdminServer
 
-            self.admin = AdminServer(self.strangers, self._tmp.name, settings.gallery.path, context=self.context)
+            self.admin = AdminServer(self.strangers, self._tmp.name, location(settings.gallery), context=self.context)
 
     # -- public ----------------------------------------------------------------------------------------
     @property

@@ -13,9 +13,11 @@ Topics (PREFIX is publish.mqtt.topic_prefix, "streamer" by default):
 
 Home Assistant discovery (retained, under publish.mqtt.discovery_prefix): per camera a "faces in view" and a
 "last recognised person" sensor, per enrolled person a device_tracker with the camera as an attribute.
-People are read from the gallery file (read-only, every few seconds): an enrolled person's entity appears,
-a removed person's entity and presence topic are cleared (empty retained payload), and so are stale
-entities this instance left behind in an earlier run.
+People are read from the gallery, a file or PostgreSQL (held open read-only on a thread of its own, so a slow
+database never holds up events; re-read when its change token moves: the file's data version, PostgreSQL's
+LISTEN/NOTIFY generation): an enrolled person's entity appears within GALLERY_POLL_S, a removed person's
+entity and presence topic are cleared (empty retained payload), and so are stale entities this instance
+left behind in an earlier run.
 
 Never stalls the pipeline: events wait in a bounded queue while the broker is away (oldest dropped and
 counted); retained state (presence, counts, discovery) is kept as "latest value per topic" and sent again
@@ -95,6 +97,58 @@ def _encode(payload: bytes | dict[str, Any]) -> bytes:
     return _json(payload)
 
 
+class _GalleryWatch:
+    """The gallery's people for presence: one read-only handle kept open, re-read only when `refresh()`'s
+    token moves; reopened after an error (a file not made yet, a database restarted). Falsy without one."""
+
+    def __init__(self, where: Any) -> None:
+        from streamer.match.open import location
+
+        self.where = location(where)
+        self._gallery: Any = None
+        self._token: Any = None
+        self._names: set[str] | None = None
+        self._note = RateLimitedLog(log, interval_s=300)
+        self._lock = threading.Lock()  # names() at start and on the gallery thread; close() when it ends
+
+    def __bool__(self) -> bool:
+        return self.where is not None
+
+    def names(self) -> set[str] | None:
+        """Everyone enrolled; None when there is no gallery or it cannot be read now (keep what you have)."""
+        if self.where is None:  # nobody to list: people appear as identity events name them
+            return None
+        from streamer.errors import GalleryError
+        from streamer.match.open import open_gallery
+
+        with self._lock:
+            try:
+                if self._gallery is None:
+                    self._gallery = open_gallery(self.where, create=False, readonly=True)
+                    self._token = None
+                token = self._gallery.refresh()
+                if token != self._token or self._names is None:
+                    self._names = {person.name for person in self._gallery.people()}
+                    self._token = token
+                return set(self._names)
+            except GalleryError as exc:
+                self._note.warning("gallery", "MQTT presence: %s", exc)  # the message names the gallery
+                self._drop()
+                return None
+
+    def _drop(self) -> None:
+        gallery, self._gallery, self._names = self._gallery, None, None
+        if gallery is not None:
+            try:
+                gallery.close()
+            except Exception as exc:  # noqa: BLE001 - a broken handle is being thrown away anyway
+                log.debug("closing the gallery: %s", exc)
+
+    def close(self) -> None:
+        with self._lock:
+            self._drop()
+
+
 @dataclass
 class _Person:
     name: str
@@ -120,8 +174,10 @@ class MqttSink(QueuedSink):
         settings: MqttSettings,
         *,
         streams: list[str],
+        gallery: Any = None,
         gallery_path: Path | None = None,
     ) -> None:
+        """`gallery`: a path, a postgresql:// URL or the `gallery` settings (`gallery_path`: the older name)."""
         import paho.mqtt.client as mqtt
 
         from streamer import __version__
@@ -132,7 +188,7 @@ class MqttSink(QueuedSink):
         self.node = object_id(self.prefix.replace("/", "_"))
         self.availability = f"{self.prefix}/availability"
         self.where = f"{settings.host}:{settings.port}"
-        self.gallery_path = gallery_path
+        self._gallery = _GalleryWatch(gallery if gallery is not None else gallery_path)
         self.version = __version__
         self.connects = 0
         self._mqtt = mqtt
@@ -142,8 +198,8 @@ class MqttSink(QueuedSink):
         self._retained: dict[str, bytes | dict[str, Any]] = {}  # topic -> what it must hold; b"" clears it
         self._dirty: set[str] = set()
         self._resync = False
-        self._gallery_due = 0.0
-        self._gallery_note = RateLimitedLog(log, interval_s=300)
+        self._gallery_wake = threading.Event()
+        self._gallery_stop = threading.Event()
         self._net_log = RateLimitedLog(log, interval_s=60)
         self._next_check = 0.0
         self._closing = False
@@ -151,7 +207,8 @@ class MqttSink(QueuedSink):
 
         for stream in streams:
             self._camera(stream)
-        self._refresh_people(self._read_gallery())
+        self._gallery_thread = threading.Thread(target=self._watch_gallery, name="streamer-mqtt-gallery",
+                                                daemon=True)
         self._set(self.availability, b"online")
 
         client = mqtt.Client(
@@ -187,9 +244,12 @@ class MqttSink(QueuedSink):
         if not settings.loopback and not settings.tls:
             log.warning("publish.mqtt: %s is beyond this machine without TLS: the password and the names of the "
                         "people seen travel unencrypted (use mqtts:// where the broker offers it)", self.where)
+        # Read once before connecting: the broker's retained entities of these people must not look stale.
+        self._refresh_people(self._gallery.names())
         client.connect_async(settings.host, settings.port, keepalive=settings.keepalive_s)
         client.loop_start()
         self.start()
+        self._gallery_thread.start()
         log.info("publishing events to MQTT broker %s under %s/ (discovery %s)", self.where, self.prefix,
                  f"under {settings.discovery_prefix}/" if settings.discovery else "off")
 
@@ -234,7 +294,7 @@ class MqttSink(QueuedSink):
                 person = self._people.get(event.name)
                 if person is None:  # enrolled since the last gallery read
                     person = self._add_person(event.name)
-                    self._gallery_due = 0.0
+                    self._gallery_wake.set()
                 person.tracks.add((camera.stream, track))
                 self._sighting(person, camera.stream, event.ts, now)
                 self._set(f"{self.prefix}/{topic_level(camera.stream)}/last_person", {
@@ -431,9 +491,6 @@ class MqttSink(QueuedSink):
         now = time.monotonic()
         if now >= self._next_check:
             self._next_check = now + TICK_S
-            if now >= self._gallery_due:
-                self._gallery_due = now + GALLERY_POLL_S
-                self._refresh_people(self._read_gallery())
             self._expire(now)
         if self._client.is_connected():
             self._flush_retained()
@@ -459,17 +516,18 @@ class MqttSink(QueuedSink):
                     if not payload:
                         del self._retained[topic]
 
-    def _read_gallery(self) -> set[str] | None:
-        if self.gallery_path is None:  # nobody to list: people appear as identity events name them
-            return None
-        from streamer.match.gallery import Gallery, GalleryError
-
+    # -- the gallery thread ------------------------------------------------------------------------------
+    def _watch_gallery(self) -> None:
+        if not self._gallery:
+            return
         try:
-            with Gallery(self.gallery_path, create=False, readonly=True) as gallery:
-                return {person.name for person in gallery.people()}
-        except GalleryError as exc:
-            self._gallery_note.warning("gallery", "MQTT presence: cannot read the gallery: %s", exc)
-            return None
+            while not self._gallery_stop.is_set():
+                self._gallery_wake.wait(GALLERY_POLL_S)
+                self._gallery_wake.clear()
+                if not self._gallery_stop.is_set():
+                    self._refresh_people(self._gallery.names())
+        finally:
+            self._gallery.close()
 
     def begin_close(self, deadline: float) -> None:
         self._final_deadline = deadline
@@ -478,6 +536,8 @@ class MqttSink(QueuedSink):
 
     def _finish(self) -> None:
         self._closing = True
+        self._gallery_stop.set()
+        self._gallery_wake.set()
         client = self._client
         try:
             if client.is_connected():

@@ -203,7 +203,7 @@ class Sinks:
                 from streamer.publish.mqtt import MqttSink
 
                 streams = [source.id or f"cam{i}" for i, source in enumerate(settings.sources)]
-                sinks.append(MqttSink(publish.mqtt, streams=streams, gallery_path=settings.gallery.path))
+                sinks.append(MqttSink(publish.mqtt, streams=streams, gallery=settings.gallery))  # file or URL
             if publish.webhooks:
                 from streamer.publish.webhooks import WebhookSink
 

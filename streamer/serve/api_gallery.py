@@ -1,8 +1,10 @@
-"""The face library: /api/v1/people. The same checks and the same file as `streamer gallery`.
+"""The face library: /api/v1/people. The same checks and the same gallery as `streamer gallery`.
 
-Enrolment refuses what `gallery add` refuses (no face, several faces without `face`, a face too small,
-blurred or turned away). Deleting a person is the CLI's forget-me: their vectors are erased from the file.
-A running pipeline re-reads the gallery file on change, so it sees every edit here within a second.
+The gallery is a file or a PostgreSQL database (gallery.path or gallery.url), opened through
+streamer.match.open as the CLI does. Enrolment refuses what `gallery add` refuses (no face, several faces
+without `face`, a face too small, blurred or turned away). Deleting a person is the CLI's forget-me: their
+vectors are erased (from the file, or from the database's relation files). A running pipeline follows the
+gallery (the file's data version, PostgreSQL's NOTIFY), so it sees every edit here within a second.
 """
 
 from __future__ import annotations
@@ -107,15 +109,20 @@ async def enrol_arrays(ctx: Any, name: str, images: list[tuple[str, str, bytes, 
 
     def store(vectors: np.ndarray, embedder_id: str) -> Any:
         with ctx.gallery_lock:
-            exists = _exists(path) and cleaned in _names(path)
-            if new is True and exists:
-                raise APIError(409, f"{cleaned!r} is already enrolled: add faces with POST /api/v1/people/{{name}}/faces")
-            if new is False and not exists:
-                raise APIError(404, f"no person named {cleaned!r} in the gallery")
-            # The same key as the CLI: sha256 of the photo's bytes, so a photo enrolled either way is not added twice.
-            hashes = [hashlib.sha256(data).hexdigest() for _, _, data, _ in images]
-            sources = [source or "upload" for _, source, _, _ in images]
+            if new is False and not _exists(path):
+                raise APIError(404, f"no person named {cleaned!r}: the gallery is empty")
+            # One open for the check and the write: for PostgreSQL each open is a connection (and a LISTEN one).
             with _gallery(path, create=True) as gallery:
+                exists = cleaned in gallery.names()
+                if new is True and exists:
+                    raise APIError(409, f"{cleaned!r} is already enrolled: add faces with POST "
+                                        "/api/v1/people/{name}/faces")
+                if new is False and not exists:
+                    raise APIError(404, f"no person named {cleaned!r} in the gallery")
+                # The same key as the CLI: sha256 of the photo's bytes, so a photo enrolled either way is not
+                # added twice.
+                hashes = [hashlib.sha256(data).hexdigest() for _, _, data, _ in images]
+                sources = [source or "upload" for _, source, _, _ in images]
                 return gallery.enrol([(cleaned, vectors, sources, hashes)], embedder_id)[0]
 
     if new is False:
@@ -124,11 +131,6 @@ async def enrol_arrays(ctx: Any, name: str, images: list[tuple[str, str, bytes, 
     done = await run_in_threadpool(store, vectors, embedder_id)
     return Json({"name": done.person.name, "added": done.added, "duplicates": len(done.duplicates)},
                 status_code=201 if new is not False else 200)
-
-
-def _names(path: Any) -> frozenset[str]:
-    with _gallery(path, create=False, readonly=True) as gallery:
-        return gallery.names()
 
 
 async def _enrol_request(request: Request, name: str | None, *, new: bool) -> Json:

@@ -34,7 +34,10 @@ SESSION_TTL_S = 12 * 3600.0  # idle sessions end; a token logs in again
 
 def store_path(settings: Any, config_file: str | Path | None = None) -> Path:
     """Where `streamer serve` and `streamer tokens` keep token hashes: serve.token_store, else beside the
-    gallery (<gallery>.tokens.json), else beside the config file, else ~/.config/streamer/."""
+    gallery file (<gallery>.tokens.json), else beside the config file, else ~/.config/streamer/.
+
+    A PostgreSQL gallery (gallery.url) has no file to sit beside, and its tokens stay on this host: they
+    authenticate this host's console, and a hash in a database shared by many hosts would let each in."""
     if settings.serve.token_store is not None:
         return Path(settings.serve.token_store)
     if settings.gallery.path is not None:

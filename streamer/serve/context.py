@@ -90,6 +90,7 @@ class ServeContext:
     def require_gallery(self) -> Any:
         if self.gallery_path is None:
             raise APIError(
-                409, "this server has no gallery: start it with --gallery PATH (or set gallery.path)"
+                409, "this server has no gallery: start it with --gallery FILE or a postgresql:// URL (or set "
+                "gallery.path or gallery.url)"
             )
         return self.gallery_path

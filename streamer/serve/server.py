@@ -150,11 +150,12 @@ def run_serve(settings: Settings, config_file: str | Path | None = None) -> int:
         if tls is not None:
             check_tls(*tls)  # before the pipeline starts anything
         gallery = settings.gallery.path
-        if gallery is not None and not Path(gallery).exists():
-            # An empty gallery, so the pipeline has one to watch: the console enrols the first person into it.
-            from streamer.match.gallery import Gallery
+        if settings.gallery.url is not None or (gallery is not None and not Path(gallery).exists()):
+            # An empty gallery (a file, or the schema in a PostgreSQL database), so the pipeline has one to
+            # watch: the console enrols the first person into it.
+            from streamer.match.open import open_gallery
 
-            Gallery(Path(gallery), create=True).close()
+            open_gallery(settings.gallery, create=True).close()
         supervisor = Supervisor(settings, progress=False, keep_running=True)
     except BaseException:
         sock.close()
@@ -186,7 +187,8 @@ def run_serve(settings: Settings, config_file: str | Path | None = None) -> int:
         token = ensure_admin_token(tokens) if settings.serve.auth else None
         if token is not None:
             sys.stderr.write(
-                f"streamer: created the admin token (shown once; `streamer tokens create` makes more):\n{token}\n"
+                f"streamer: created the admin token in {tokens.path} (shown once; `streamer tokens create` makes "
+                f"more):\n{token}\n"
             )
         auth = "token required" if settings.serve.auth else "no auth: loopback only"
         sys.stderr.write(f"streamer: console and API on {http.url}/ ({auth}; API docs at {http.url}/docs)\n")
