@@ -79,6 +79,15 @@ class DetectorSettings(_Section):
         5, ge=1, le=1000,
         description="detections in a row, at a high score, before a track counts as stable (see max_interval)",
     )
+    regions: bool = Field(
+        True,
+        description="streams, with max_interval: between full detections detect only around the tracks that "
+        "want it (new, uncertain, due for inference) and let the Kalman filter carry the rest",
+    )
+    region_max_area: float = Field(
+        0.35, gt=0.0, le=1.0,
+        description="detect the whole frame instead when the regions would cover more than this share of it",
+    )
     score_threshold: float = Field(0.6, gt=0.0, lt=1.0)
     nms_threshold: float = Field(0.3, gt=0.0, lt=1.0)
     max_side: int = Field(640, ge=64, le=8192, description="detect on a copy whose longer side is at most this")

@@ -108,6 +108,55 @@ class Detector(ABC):
             for faces, (_, fx, fy), image in zip(found, shrunk, checked)
         ]
 
+    def detect_regions(self, image_bgr: np.ndarray, regions: np.ndarray) -> Faces:
+        """Faces inside `regions` ((n, 4) x1, y1, x2, y2 in `image_bgr` pixels) of one frame, in frame pixels.
+
+        Each region is detected at the scale a full `detect` of this frame would use, so a face gets the
+        same score and landmarks either way and the tracker sees one consistent detector. A face cut by a
+        region's edge (not the frame's) is dropped: half a face is a wrong box, and the region was drawn
+        around the faces it is for. Adaptive detection (streamer.track.processor) calls this between full
+        detections, around the tracks that still want one.
+        """
+        image = check_image(image_bgr)
+        height, width = image.shape[:2]
+        boxes = np.asarray(regions, np.float64).reshape(-1, 4)
+        if not len(boxes):
+            return Faces.empty(self.scheme)
+        longer = max(height, width)
+        scale = min(1.0, self.max_side / longer)
+        crops, origins = [], []
+        for x1, y1, x2, y2 in boxes:
+            left, top = max(0, int(np.floor(x1))), max(0, int(np.floor(y1)))
+            right, bottom = min(width, int(np.ceil(x2))), min(height, int(np.ceil(y2)))
+            if right - left < 2 or bottom - top < 2:
+                continue
+            crop = image[top:bottom, left:right]
+            if scale < 1.0:
+                size = (max(1, round((right - left) * scale)), max(1, round((bottom - top) * scale)))
+                crop = cv2.resize(crop, size, interpolation=cv2.INTER_AREA)
+            crops.append(np.ascontiguousarray(crop))
+            origins.append((left, top, right, bottom))
+        if not crops:
+            return Faces.empty(self.scheme)
+        found = []
+        for faces, crop, (left, top, right, bottom) in zip(self._detect_batch(crops), crops, origins):
+            if not len(faces):
+                continue
+            fx, fy = (right - left) / crop.shape[1], (bottom - top) / crop.shape[0]
+            factor = np.array([fx, fy], np.float32)
+            offset = np.array([left, top], np.float32)
+            faces = replace(faces, boxes=faces.boxes * np.tile(factor, 2) + np.tile(offset, 2),
+                            landmarks=faces.landmarks * factor + offset)
+            margin = 1.0  # a box within a pixel of an inner edge was cut by it
+            b = faces.boxes
+            cut = (((b[:, 0] <= left + margin) & (left > 0)) | ((b[:, 1] <= top + margin) & (top > 0))
+                   | ((b[:, 2] >= right - margin) & (right < width))
+                   | ((b[:, 3] >= bottom - margin) & (bottom < height)))
+            found.append(faces[~cut])
+        if not found:
+            return Faces.empty(self.scheme)
+        return self._finish(Faces.merge(found), 1.0, 1.0, width, height)
+
     def close(self) -> None:
         """Release native resources; the detector must not be used afterwards. Safe to call twice."""
 

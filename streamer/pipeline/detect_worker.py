@@ -404,6 +404,13 @@ class _TimedDetector:
         finally:
             self._buckets.observe(time.perf_counter() - started)
 
+    def detect_regions(self, image: np.ndarray, regions: np.ndarray) -> Any:
+        started = time.perf_counter()
+        try:
+            return self._detector.detect_regions(image, regions)
+        finally:
+            self._buckets.observe(time.perf_counter() - started)
+
     def __getattr__(self, name: str) -> Any:
         return getattr(self._detector, name)
 

@@ -93,11 +93,14 @@ class TrackUpdate:
              landmarks as detected (not the Kalman estimate: alignment needs the real landmarks)
     started  tracks confirmed on this frame
     ended    tracks that ended on this frame (missed more than max_missed frames)
+    predicted  on a frame detected only in regions: the live confirmed tracks outside every region, at
+             their predicted boxes (as `predict` gives them); empty after a full detection
     """
 
     faces: Faces
     started: list[TrackInfo] = field(default_factory=list)
     ended: list[TrackInfo] = field(default_factory=list)
+    predicted: Faces | None = None
 
 
 def box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -273,7 +276,25 @@ class ByteTracker:
         self._advance()
         tracks.predicted += 1
         tracks.missed[tracks.missed > 0] += 1  # ended at the next detection once beyond max_missed
-        rows = np.flatnonzero((tracks.track_id >= 0) & (tracks.missed == 0))
+        return self._predicted_faces(np.flatnonzero((tracks.track_id >= 0) & (tracks.missed == 0)))
+
+    def unsettled_boxes(self, min_hits: int) -> np.ndarray:
+        """(n, 4) current boxes of the tracks that keep `all_stable` false (tentative, young, recently lost
+        or last seen at a low score): where region detection looks between full detections."""
+        tracks = self._tracks
+        seen = (tracks.hits >= min_hits) & (tracks.missed == 0) & (tracks.score >= self.high_threshold)
+        gone = tracks.missed > min_hits
+        rows = np.flatnonzero(~((tracks.track_id >= 0) & (seen | gone)))
+        return kalman.xyah_to_xyxy(tracks.mean[rows, :4]) if len(rows) else np.zeros((0, 4))
+
+    def boxes_of(self, track_ids: list[int] | np.ndarray) -> np.ndarray:
+        """(n, 4) current boxes of these confirmed tracks (ids not held are skipped)."""
+        tracks = self._tracks
+        rows = np.flatnonzero(np.isin(tracks.track_id, np.asarray(track_ids, np.int64)) & (tracks.track_id >= 0))
+        return kalman.xyah_to_xyxy(tracks.mean[rows, :4]) if len(rows) else np.zeros((0, 4))
+
+    def _predicted_faces(self, rows: np.ndarray) -> Faces:
+        tracks = self._tracks
         if not len(rows):
             return Faces.empty(tracks.scheme)
         boxes = kalman.xyah_to_xyxy(tracks.mean[rows, :4])
@@ -294,13 +315,27 @@ class ByteTracker:
             mean[tracks.missed > 0, 7] = 0.0
             tracks.mean, tracks.cov = kalman.predict(mean, tracks.cov)
 
-    def update(self, faces: Faces, frame_index: int, timestamp: float) -> TrackUpdate:
-        """Associate this frame's detections; each call advances the motion model by one step."""
+    def update(self, faces: Faces, frame_index: int, timestamp: float,
+               regions: np.ndarray | None = None) -> TrackUpdate:
+        """Associate this frame's detections; each call advances the motion model by one step.
+
+        `regions` ((n, 4) frame pixels): the frame was detected only inside these. A track whose predicted
+        centre lies outside all of them was not looked for: it is carried as on a `predict` frame (neither
+        hit nor missed) and reported in `TrackUpdate.predicted`, and no new track starts on its box."""
         tracks = self._tracks
         n_tracks = len(tracks)
 
         self._advance()
         predicted = kalman.xyah_to_xyxy(tracks.mean[:, :4]) if n_tracks else np.zeros((0, 4))
+        outside = np.zeros(n_tracks, bool)
+        if regions is not None and n_tracks:
+            areas = np.asarray(regions, np.float64).reshape(-1, 4)
+            cx = (predicted[:, 0] + predicted[:, 2]) / 2
+            cy = (predicted[:, 1] + predicted[:, 3]) / 2
+            inside = ((cx[:, None] >= areas[None, :, 0]) & (cx[:, None] <= areas[None, :, 2])
+                      & (cy[:, None] >= areas[None, :, 1]) & (cy[:, None] <= areas[None, :, 3]))
+            outside = ~inside.any(axis=1)
+        looked = np.flatnonzero(~outside)
 
         scores = faces.scores
         high = np.flatnonzero(scores >= self.high_threshold)
@@ -308,16 +343,18 @@ class ByteTracker:
 
         det_of_track = np.full(n_tracks, -1, np.int64)
 
-        # Stage 1: high-score detections against every track (confirmed, lost, tentative).
-        if n_tracks and len(high):
-            rows, cols = _assign(box_iou(predicted, faces.boxes[high]), self.match_iou)
-            det_of_track[rows] = high[cols]
+        # Stage 1: high-score detections against every track looked for (confirmed, lost, tentative).
+        if len(looked) and len(high):
+            rows, cols = _assign(box_iou(predicted[looked], faces.boxes[high]), self.match_iou)
+            det_of_track[looked[rows]] = high[cols]
         matched_high = np.zeros(len(faces), bool)
         matched_high[det_of_track[det_of_track >= 0]] = True
 
         # Stage 2: low-score detections only continue confirmed tracks that were live last frame.
         if n_tracks and len(low):
-            candidates = np.flatnonzero((det_of_track < 0) & (tracks.track_id >= 0) & (tracks.missed == 0))
+            candidates = np.flatnonzero(
+                (det_of_track < 0) & (tracks.track_id >= 0) & (tracks.missed == 0) & ~outside
+            )
             if len(candidates):
                 iou = box_iou(predicted[candidates], faces.boxes[low])
                 rows, cols = _assign(iou, max(self.match_iou, _LOW_SCORE_MIN_IOU))
@@ -340,24 +377,32 @@ class ByteTracker:
             tracks.score[matched] = faces.scores[det]
             if tracks.landmarks.shape[1:] == faces.landmarks.shape[1:]:
                 tracks.landmarks[matched] = faces.landmarks[det]
-        unmatched = det_of_track < 0
+        # Not looked for (outside every region): as on a predicted frame.
+        tracks.predicted[outside] += 1
+        tracks.missed[outside & (tracks.missed > 0)] += 1
+        unmatched = (det_of_track < 0) & ~outside
         tracks.hits[unmatched] = 0
         tracks.missed[unmatched] += 1
         # Matched: counted above. Missed: the frames predicted since its last hit were not seen after all.
-        tracks.predicted[:] = 0
+        tracks.predicted[~outside] = 0
 
         # End confirmed tracks missing too long; drop tentative ones at their first miss.
         ended_rows = np.flatnonzero(unmatched & (tracks.track_id >= 0) & (tracks.missed > self.max_missed))
         ended = [tracks.info(row) for row in ended_rows]
         alive = ~(unmatched & ((tracks.track_id < 0) | (tracks.missed > self.max_missed)))
+        carried = predicted[outside & alive]
         tracks.keep(alive)
         det_of_track = det_of_track[alive]
+        outside = outside[alive]
 
-        # Unmatched high-score detections start tentative tracks.
+        # Unmatched high-score detections start tentative tracks (not on the box of a track not looked for).
         new = high[~matched_high[high]]
+        if len(new) and len(carried):
+            new = new[box_iou(carried, faces.boxes[new]).max(axis=0) < self.match_iou]
         if len(new):
             tracks.add(faces[new], frame_index, timestamp)
             det_of_track = np.concatenate([det_of_track, new])
+            outside = np.concatenate([outside, np.zeros(len(new), bool)])
 
         # Confirm tentative tracks with enough consecutive hits.
         started = []
@@ -374,4 +419,7 @@ class ByteTracker:
         if started or ended:
             log.debug("frame %d: started %s ended %s", frame_index,
                       [t.track_id for t in started], [t.track_id for t in ended])  # fmt: skip
-        return TrackUpdate(faces=out, started=started, ended=ended)
+        carried_faces = None
+        if regions is not None:
+            carried_faces = self._predicted_faces(np.flatnonzero(outside & (tracks.track_id >= 0) & (tracks.missed == 0)))
+        return TrackUpdate(faces=out, started=started, ended=ended, predicted=carried_faces)

@@ -206,18 +206,25 @@ class InferenceGate:
         is due (a better view can only be seen on a detected frame). Records nothing: adaptive detection
         asks this to detect on such a frame rather than predict, so names come as early as with detection
         on every frame."""
+        return bool(self.due_tracks(track_ids, timestamp))
+
+    def due_tracks(self, track_ids: list[int] | np.ndarray, timestamp: float) -> list[int]:
+        """The tracks among these that `select` would infer at `timestamp` (see `refresh_due`); records
+        nothing."""
+        due = []
         for tid in np.asarray(track_ids, np.int64).reshape(-1).tolist():
             if tid < 0:
                 continue
             state = self._tracks.get(tid)
             if state is None:
-                return True
+                due.append(tid)
+                continue
             if state.count >= self.max_per_track:
                 continue
             interval = self.warmup_refresh_s if state.count < self.warmup_count else self.refresh_s
             if timestamp < state.last_time or timestamp - state.last_time >= interval:
-                return True
-        return False
+                due.append(tid)
+        return due
 
     def forget(self, track_ids: list[int] | np.ndarray) -> None:
         for tid in np.asarray(track_ids, np.int64).reshape(-1).tolist():

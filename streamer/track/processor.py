@@ -10,13 +10,21 @@ the Kalman filter predicts: such a frame still yields the tracked faces (at thei
 throttled track.updated events, but no chips, unless the inference gate wants a face of a live track now,
 in which case that frame is detected instead (names come as early as with detection on every frame). A
 scene cut is always detected on.
+
+Region detection (`regions`, on by default): between full detections, a frame that is due only because of
+some tracks (new, uncertain, or wanted by the inference gate) is detected only in boxes around those tracks
+(three times their size, overlapping ones merged), at the scale of a full detection; the other tracks are
+carried by the Kalman filter as on a predicted frame. One busy track in a crowd then costs a few percent
+of a full detection instead of all of it. Only when the regions would cover more than `region_max_area`
+of the frame is the whole frame detected. Newcomers elsewhere are found by the full detection at least
+every `max_interval` frames.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Literal, Protocol
 
 import numpy as np
 
@@ -33,6 +41,14 @@ class Detects(Protocol):
     """What the processor needs of a detector (streamer.detect.Detector satisfies it)."""
 
     def detect(self, image_bgr: np.ndarray) -> Faces: ...
+
+    def detect_regions(self, image_bgr: np.ndarray, regions: np.ndarray) -> Faces: ...
+
+
+# A region is a track's box grown by this much of its size on every side (3x as wide): room for a frame or
+# two of motion and for the detector to see the face whole, with some context.
+REGION_MARGIN = 1.0
+REGION_MIN_SIDE = 64  # frame pixels: a face this small still gets a region the detector can work in
 
 
 @dataclass(frozen=True, eq=False)
@@ -89,6 +105,8 @@ class StreamProcessor:
         interval: int = 1,
         max_interval: int | None = None,
         stable_hits: int = 5,
+        regions: bool = True,
+        region_max_area: float = 0.35,
         track_update_s: float = 1.0,
     ) -> None:
         if interval < 1:
@@ -106,6 +124,12 @@ class StreamProcessor:
         self.interval = int(interval)
         self.max_interval = int(max_interval) if max_interval is not None else self.interval
         self.stable_hits = int(stable_hits)
+        if not 0.0 < region_max_area <= 1.0:
+            raise ValueError(f"StreamProcessor: region_max_area must be in (0, 1], got {region_max_area}")
+        self.regions = bool(regions)
+        self.region_max_area = float(region_max_area)
+        self.region_frames = 0  # frames detected only in regions (counted in detected_frames too)
+        self._last_full: int | None = None  # processor index of the last full-frame detection
         self.track_update_s = float(track_update_s)
         self.frames = 0
         self.detected_frames = 0  # frames the detector ran on (frames - detected_frames were predicted)
@@ -134,6 +158,8 @@ class StreamProcessor:
             interval=settings.detector.interval,
             max_interval=settings.detector.max_interval,
             stable_hits=settings.detector.stable_hits,
+            regions=settings.detector.regions,
+            region_max_area=settings.detector.region_max_area,
             track_update_s=settings.publish.track_update_s,
         )
 
@@ -155,7 +181,8 @@ class StreamProcessor:
         if cut:
             # A new shot: the faces before the cut are gone, whatever the motion model predicts.
             self._end(self.tracker.flush(), "scene_cut", events, ended)
-        if not cut and not self._detect_now(index, frame.pts):
+        plan: Literal["full"] | np.ndarray | None = "full" if cut else self._schedule(index, frame)
+        if plan is None:
             faces = self.tracker.predict()
             events.extend(self._updates(frame, faces))
             # Drawn: the tracks where predicted, and faces no track holds where last detected (so that
@@ -168,15 +195,23 @@ class StreamProcessor:
             return Step(events=events, tracked=faces)
         self._last_detected = index
         self.detected_frames += 1
-        detections = self.detector.detect(frame.image)
-        update = self.tracker.update(detections, frame.index, frame.pts)
+        regions = None if isinstance(plan, str) else plan
+        if regions is None:
+            self._last_full = index
+            detections = self.detector.detect(frame.image)
+        else:
+            self.region_frames += 1
+            detections = self.detector.detect_regions(frame.image, regions)
+        update = self.tracker.update(detections, frame.index, frame.pts, regions=regions)
         for info in update.started:
             self._last_update[info.track_id] = frame.pts
             events.append(TrackStarted(stream=self.stream, frame=frame.index, pts=frame.pts, track=info.track_id,
                                        box=rounded_box(info.box)))
         self._end(update.ended, "left", events, ended)
-        faces = update.faces
-        events.extend(self._updates(frame, faces))
+        faces = update.faces  # detected now: only these have landmarks fit for chips
+        carried = update.predicted if update.predicted is not None else Faces.empty(faces.scheme)
+        tracked = Faces.merge([faces, carried]) if len(carried) else faces
+        events.extend(self._updates(frame, tracked))
         rows = self.gate.select(frame.image, faces, frame.pts)
         chips = None
         if len(rows):
@@ -192,21 +227,35 @@ class StreamProcessor:
                 # Measured again here (the gate keeps only each track's best): a few small crops per frame.
                 quality=face_quality(frame.image, chosen),
             )
-        self.last_detections, self.last_tracked = detections, faces
-        self._untracked = _untracked(detections, faces)
-        return Step(events=events, chips=chips, ended=ended, detections=detections, tracked=faces)
+        untracked = _untracked(detections, faces)
+        if regions is not None and len(self._untracked):
+            # Faces no track holds, last seen outside every region, stay where they were seen (blurring).
+            untracked = Faces.merge([untracked, self._untracked[~_centres_in(self._untracked.boxes, regions)]])
+        self._untracked = untracked
+        shown = Faces.merge([detections, carried]) if len(carried) else detections
+        self.last_detections, self.last_tracked = shown, tracked
+        return Step(events=events, chips=chips, ended=ended, detections=shown, tracked=tracked)
 
-    def _detect_now(self, index: int, pts: float) -> bool:
-        """The adaptive schedule: is this frame due for detection (see the module docstring)?"""
-        if self._last_detected is None:
-            return True
-        gap = index - self._last_detected
-        if gap >= self.max_interval:
-            return True
-        if gap < self.interval:
-            return False
+    def _schedule(self, index: int, frame: Frame) -> Literal["full"] | np.ndarray | None:
+        """The adaptive schedule (see the module docstring): "full", regions to detect in, or None (predict)."""
+        if self._last_full is None or self._last_detected is None or index - self._last_full >= self.max_interval:
+            return "full"
+        if index - self._last_detected < self.interval:
+            return None
         # Only confirmed live tracks can be inferred; tentative ones already make the scene unstable.
-        return not self.tracker.all_stable(self.stable_hits) or self.gate.refresh_due(self.live_tracks, pts)
+        if not self.regions:
+            wanted = not self.tracker.all_stable(self.stable_hits) or self.gate.refresh_due(self.live_tracks, frame.pts)
+            return "full" if wanted else None
+        boxes = self.tracker.unsettled_boxes(self.stable_hits)
+        due = self.gate.due_tracks(self.live_tracks, frame.pts)
+        if due:
+            boxes = np.concatenate([boxes, self.tracker.boxes_of(due)])
+        if not len(boxes):
+            return None
+        height, width = frame.image.shape[:2]
+        regions = region_boxes(boxes, width, height)
+        area = float(np.sum((regions[:, 2] - regions[:, 0]) * (regions[:, 3] - regions[:, 1])))
+        return "full" if area > self.region_max_area * width * height else regions
 
     def end_all(self, reason: TrackEndReason) -> Step:
         """End every live track (source lost, end of input, stop); the stream may go on afterwards."""
@@ -263,3 +312,37 @@ def _untracked(detections: Faces, tracked: Faces) -> Faces:
         return detections
     held = (box_iou(detections.boxes, tracked.boxes) > 0.999).any(axis=1)
     return detections[~held]
+
+
+def region_boxes(boxes: np.ndarray, width: int, height: int) -> np.ndarray:
+    """Detection regions for these track boxes: each grown by REGION_MARGIN of its size per side (at least
+    REGION_MIN_SIDE), clipped to the frame, overlapping ones merged into their bounding box until none
+    overlap (a face is then never split between two regions)."""
+    b = np.asarray(boxes, np.float64).reshape(-1, 4)
+    size = np.maximum(b[:, 2:] - b[:, :2], 1.0)
+    grow = np.maximum(size * REGION_MARGIN, (REGION_MIN_SIDE - size) / 2)
+    grown = np.concatenate([b[:, :2] - grow, b[:, 2:] + grow], axis=1)
+    grown = np.clip(grown, 0, [width, height, width, height])
+    regions = [row for row in grown if row[2] > row[0] and row[3] > row[1]]
+    merged = True
+    while merged and len(regions) > 1:
+        merged = False
+        for i in range(len(regions)):
+            for j in range(i + 1, len(regions)):
+                a, c = regions[i], regions[j]
+                if a[0] < c[2] and c[0] < a[2] and a[1] < c[3] and c[1] < a[3]:
+                    regions[i] = np.array([min(a[0], c[0]), min(a[1], c[1]), max(a[2], c[2]), max(a[3], c[3])])
+                    del regions[j]
+                    merged = True
+                    break
+            if merged:
+                break
+    return np.asarray(regions, np.float64).reshape(-1, 4)
+
+
+def _centres_in(boxes: np.ndarray, regions: np.ndarray) -> np.ndarray:
+    cx = (boxes[:, 0] + boxes[:, 2]) / 2
+    cy = (boxes[:, 1] + boxes[:, 3]) / 2
+    r = regions
+    return ((cx[:, None] >= r[None, :, 0]) & (cx[:, None] <= r[None, :, 2])
+            & (cy[:, None] >= r[None, :, 1]) & (cy[:, None] <= r[None, :, 3])).any(axis=1)
