@@ -63,6 +63,10 @@ from streamer.sockets import SocketDefaults, SocketKind, make_socket
 log = logging.getLogger(__name__)
 
 DRAIN_TIMEOUT_S = 10.0
+# How long a track's end waits for its faces still at inference (streamer.pipeline.slot): past the p95 of
+# identity events under load (about 1.6 s on 2 busy cores with 5 streams), short enough that a dead worker
+# delays track.ended by little.
+HOLD_ENDED_S = 3.0
 LIVE_HWM = 2  # tiles queued for the supervisor: a newer one is worth more than an old one waiting
 COMMANDS_PER_TURN = 64  # commands applied between two frames, so a flood cannot stall the streams
 
@@ -265,6 +269,9 @@ class DetectWorker:
         # Idle without sources (serving, none added yet): wake less often; a command waits at most that long.
         self._results(timeout_ms=0 if worked else 5 if self.slots else 50)
         self.client.expire()
+        now = time.monotonic()
+        for slot in self.slots:
+            self._send(slot.release_overdue(now, HOLD_ENDED_S))
         self._check_inference()
         self._check_gallery()
         if time.monotonic() - self.last_stats >= min(1.0, self.settings.publish.heartbeat_s):
@@ -276,7 +283,8 @@ class DetectWorker:
         step = slot.processor.process(frame)
         self._send(slot.apply(step), frame.decoded_at)
         if step.chips is not None:
-            self.client.submit(step.chips, frame.image, live=slot.source.live)
+            if self.client.submit(step.chips, frame.image, live=slot.source.live):
+                slot.submitted(step.chips.tracks)
         if self.output.active and slot.processor.last_detections is not None:
             tracked = slot.processor.last_tracked
             if not self.output.render(slot.id, frame, slot.processor.last_detections, tracked,
@@ -299,6 +307,7 @@ class DetectWorker:
                 continue
             for event, crop in slot.recogniser.on_results(answered.batch, answered.result.arrays, answered.crops):
                 self._send([event], answered.batch.decoded_at, crop)
+            self._send(slot.answered(answered.batch.tracks))
 
     def _check_inference(self) -> None:
         for change in self.client.poll_health():

@@ -53,15 +53,67 @@ class StreamSlot:
         self.first_failure: str | None = None  # why the very first connection attempt failed
         self.warned_unreachable = False
         self.live_frames = 0  # tiles sent while someone watched
+        # Faces of a track still at inference, and ended tracks waiting for them: a track that ends (scene
+        # cut, gone) while its chips are at inference keeps its recogniser state, and its track.ended waits,
+        # until those results are in (or the hold times out), so the name they carry is not lost and
+        # track.ended stays the track's last event. A file read faster than inference answers needs it most.
+        self.in_flight: dict[int, int] = {}
+        self._held: dict[int, tuple[float, list[Event]]] = {}
 
-    def apply(self, step: Step) -> list[Event]:
-        """Keep the recogniser's live tracks in step with the processor's; the step's events."""
+    def apply(self, step: Step, now: float | None = None) -> list[Event]:
+        """Keep the recogniser's live tracks in step with the processor's; the step's events to send now."""
         for event in step.events:
             if event.kind == "track.started":
                 self.recogniser.started(event.track)
+        waiting = {int(t) for t in step.ended if self.in_flight.get(int(t))}
         for track in step.ended:
-            self.recogniser.ended(track)
-        return step.events
+            if int(track) not in waiting:
+                self.recogniser.ended(track)
+        if not waiting:
+            return step.events
+        at = time.monotonic() if now is None else now
+        out = []
+        for event in step.events:
+            if event.kind == "track.ended" and event.track in waiting:
+                self._held.setdefault(event.track, (at, []))[1].append(event)
+            else:
+                out.append(event)
+        return out
+
+    def submitted(self, tracks: tuple[int, ...]) -> None:
+        """These tracks' faces went to inference."""
+        for track in tracks:
+            self.in_flight[int(track)] = self.in_flight.get(int(track), 0) + 1
+
+    def answered(self, tracks: tuple[int, ...]) -> list[Event]:
+        """Results for these tracks' faces came back: the held track.ended events now due."""
+        out: list[Event] = []
+        counts: dict[int, int] = {}
+        for track in tracks:
+            counts[int(track)] = counts.get(int(track), 0) + 1
+        for track, n in counts.items():
+            left = self.in_flight.get(track, 0) - n
+            if left > 0:
+                self.in_flight[track] = left
+                continue
+            self.in_flight.pop(track, None)
+            out.extend(self._release(track))
+        return out
+
+    def release_overdue(self, now: float, hold_s: float) -> list[Event]:
+        """Held ends whose results did not come within `hold_s` (worker down, request expired or dropped)."""
+        out: list[Event] = []
+        for track in [t for t, (since, _) in self._held.items() if now - since >= hold_s]:
+            self.in_flight.pop(track, None)
+            out.extend(self._release(track))
+        return out
+
+    def _release(self, track: int) -> list[Event]:
+        held = self._held.pop(track, None)
+        if held is None:
+            return []
+        self.recogniser.ended(track)
+        return held[1]
 
     def status_events(self) -> list[Event]:
         """Connection changes of the source as events; a lost source ends its tracks (a reconnect
@@ -86,6 +138,7 @@ class StreamSlot:
             return []
         events = self.status_events()
         events.extend(self.apply(self.processor.end_all("stopped" if stopped else "end_of_input")))
+        events.extend(self.release_overdue(float("inf"), 0.0))  # nothing waits past the stream's end
         note = getattr(self.source, "end_note", None)  # e.g. "file truncated at 1.6 s of 4.8 s"
         detail = detail or ("stopped" if stopped else "end of input" + (f": {note}" if note else ""))
         events.append(StreamStatus(stream=self.id, status="ended", detail=detail))

@@ -1,0 +1,100 @@
+"""A track that ends while its faces are at inference (StreamSlot): its track.ended waits for those results,
+so the identity they carry is still published, before track.ended; a result that never comes holds it only
+for a while, and a stream's end releases everything."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from streamer.config import Settings
+from streamer.match.recogniser import TrackRecogniser
+from streamer.pipeline.slot import StreamSlot
+from streamer.publish.events import TrackEnded, TrackStarted
+from streamer.track.processor import ChipBatch, Step
+
+STREAM = "cam"
+
+
+class _Processor:
+    stream = STREAM
+
+    def end_all(self, reason: str) -> Step:
+        return Step()
+
+
+class _Source:
+    def poll_status(self) -> list:
+        return []
+
+
+def _slot() -> StreamSlot:
+    return StreamSlot(_Source(), _Processor(), TrackRecogniser.from_settings(STREAM, Settings(), None))
+
+
+def _started(track: int) -> Step:
+    return Step(events=[TrackStarted(stream=STREAM, frame=1, pts=0.0, track=track, box=(0, 0, 10, 10))])
+
+
+def _ended(track: int, frame: int = 20) -> Step:
+    event = TrackEnded(stream=STREAM, frame=frame, pts=frame / 30, track=track, box=(0, 0, 10, 10), duration=0.6,
+                       frames=frame, reason="scene_cut")
+    return Step(events=[event], ended=[track])
+
+
+def _batch(tracks: tuple[int, ...], frame: int = 11) -> ChipBatch:
+    n = len(tracks)
+    return ChipBatch(stream=STREAM, frame=frame, pts=frame / 30, decoded_at=0.0, tracks=tracks,
+                     boxes=np.tile(np.array([0, 0, 10, 10], np.float32), (n, 1)),
+                     arrays={"chips": np.zeros((n, 8, 8, 3), np.uint8)})
+
+
+def _results(n: int) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(0)
+    embedding = rng.normal(size=(n, 128)).astype(np.float32)
+    return {"embedding": embedding / np.linalg.norm(embedding, axis=1, keepdims=True)}
+
+
+def test_an_end_waits_for_the_tracks_results_and_comes_after_them():
+    slot = _slot()
+    slot.apply(_started(1))
+    slot.submitted((1,))
+    slot.submitted((1,))
+    assert slot.apply(_ended(1), now=0.0) == []  # held: two batches of its faces are still out
+    batch = _batch((1,))
+    events = [e for e, _ in slot.recogniser.on_results(batch, _results(1))]
+    assert slot.answered((1,)) == []
+    events += [e for e, _ in slot.recogniser.on_results(batch, _results(1))]
+    assert [e.kind for e in events] == ["identity"], "the ended track's second vote still names it"
+    released = slot.answered((1,))
+    assert [type(e) for e in released] == [TrackEnded] and released[0].track == 1
+    assert slot.recogniser.on_results(batch, _results(1)) == []  # now it is gone
+    assert not slot.in_flight
+
+
+def test_an_end_without_faces_out_is_sent_at_once():
+    slot = _slot()
+    slot.apply(_started(2))
+    slot.submitted((3,))
+    out = slot.apply(_ended(2))
+    assert [e.track for e in out] == [2]
+
+
+def test_a_result_that_never_comes_holds_the_end_only_for_a_while():
+    slot = _slot()
+    slot.apply(_started(1))
+    slot.submitted((1,))
+    assert slot.apply(_ended(1), now=100.0) == []
+    assert slot.release_overdue(101.0, hold_s=3.0) == []
+    released = slot.release_overdue(103.5, hold_s=3.0)
+    assert [e.track for e in released] == [1] and not slot.in_flight
+
+
+def test_the_streams_end_releases_every_held_end_before_ended():
+    slot = _slot()
+    for track in (1, 2):
+        slot.apply(_started(track))
+        slot.submitted((track,))
+        assert slot.apply(_ended(track), now=0.0) == []
+    events = slot.end(stopped=False)
+    kinds = [(e.kind, getattr(e, "track", None)) for e in events]
+    assert kinds[:2] == [("track.ended", 1), ("track.ended", 2)] and kinds[-1][0] == "stream.status"
