@@ -164,6 +164,23 @@ def test_hamilton_clip_names_lin_manuel_miranda(env, media_dir, lin_gallery):
                for line in lines), lines
 
 
+def test_adaptive_detection_with_regions_names_lin_on_the_same_frame(env, media_dir, lin_gallery):
+    """The Hamilton clip's first face sits at the threshold (distance 0.59-0.60 against 0.6): detection that
+    adapts, with regions, must name him as early as detection on every frame does."""
+    clip = media_dir / "face_recognition/examples/short_hamilton_clip.mp4"
+    first = {}
+    for mode, extra in (("every frame", {}), ("adaptive", {"STREAMER_DETECTOR__MAX_INTERVAL": "10"})):
+        run = Run([str(clip), "--gallery", str(lin_gallery)], {**env, **extra})
+        assert run.finish() == 0, run.stderr
+        check_stream_invariants(run)
+        named = [e for e in run.events if e.kind == "identity" and e.name == "Lin-Manuel Miranda"]
+        assert named, mode
+        first[mode] = named[0].frame
+        heartbeat = [e for e in run.events if e.kind == "heartbeat"][-1]
+        assert heartbeat.streams["cam0"].frames == 275
+    assert first["adaptive"] <= first["every frame"], first
+
+
 def test_pedestrian_clip_track_ids_stay_stable(env, media_dir):
     clip = media_dir / "facenet_pytorch/examples/video.mp4"
     run = Run([str(clip)], env)

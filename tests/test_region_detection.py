@@ -65,11 +65,33 @@ def test_a_region_around_a_face_finds_it_as_a_full_detection_does(yunet, scene):
     assert np.abs(found.landmarks[0] - full.landmarks[0]).max() < 0.1 * (box[2] - box[0])
 
 
+def test_region_landmarks_match_a_full_detection_wherever_the_face_sits(yunet):
+    """Crops start on the network's coarsest grid, so each output location sits where it does on the whole
+    frame. On a 2-pixel grid the landmarks moved 1.5-3.6 px (median 2.4) as the face slid by a few pixels,
+    enough to carry a face at the match threshold across it; on the grid 0.5-1.9 px (median 1.1)."""
+    portrait = cv2.imread(str(PORTRAIT))
+    small = cv2.resize(portrait, (portrait.shape[1] * 300 // portrait.shape[0], 300), interpolation=cv2.INTER_AREA)
+    worst = []
+    for dx in range(0, 64, 7):
+        frame = np.full((H, W, 3), 110, np.uint8)
+        frame[200 + dx // 2:500 + dx // 2, 600 + dx:600 + dx + small.shape[1]] = small
+        full = yunet.detect(frame)
+        found = yunet.detect_regions(frame, region_boxes(full.boxes[:1], W, H))
+        assert len(found) >= 1, dx
+        same = int(np.argmax(box_iou(full.boxes[:1], found.boxes)[0]))
+        worst.append(float(np.abs(found.landmarks[same] - full.landmarks[0]).max()))
+    assert np.median(worst) < 1.5 and max(worst) < 2.5, np.round(worst, 2)
+
+
 def test_a_region_elsewhere_or_cutting_the_face_finds_nothing(yunet, scene):
     box = yunet.detect(scene).boxes[0]
     assert len(yunet.detect_regions(scene, np.array([[0, 0, 300, 300]], np.float64))) == 0
-    middle = (box[0] + box[2]) / 2
-    half = np.array([[middle, box[1] - 60, box[2] + 200, box[3] + 60]], np.float64)  # the face's right half
+    # Region edges snap outwards to the network's grid (32 input pixels, 64 frame pixels here): cut the face
+    # on a grid line, so the crop keeps that edge.
+    grid = yunet.region_align * W / yunet.max_side
+    cut = np.ceil((box[0] + 0.3 * (box[2] - box[0])) / grid) * grid
+    assert cut < box[0] + 0.7 * (box[2] - box[0]), "the face is too narrow for this check"
+    half = np.array([[cut, box[1] - 60, box[2] + 200, box[3] + 60]], np.float64)  # the face's right part
     assert len(yunet.detect_regions(scene, half)) == 0
     assert len(yunet.detect_regions(scene, np.zeros((0, 4)))) == 0
 

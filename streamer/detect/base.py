@@ -67,6 +67,9 @@ class Detector(ABC):
 
     name: ClassVar[str]
     scheme: ClassVar[LandmarkScheme]
+    # Region crops start on multiples of this many network-input pixels (see detect_regions): the coarsest
+    # stride of the network's output grids, or 1 for a detector without such grids.
+    region_align: ClassVar[int] = 1
 
     def __init__(
         self,
@@ -125,9 +128,11 @@ class Detector(ABC):
         longer = max(height, width)
         scale = min(1.0, self.max_side / longer)
         crops, origins = [], []
-        # Region edges on the shrink's pixel grid (every 2nd pixel for 1280 -> 640): the shrunk crop is then
-        # the very pixels a full detection sees there, not a half-pixel shifted resampling of them.
-        step = 1.0 / scale
+        # Region edges on the network's coarsest grid (`region_align` input pixels, 32 for the stride-8/16/32
+        # detectors; times 1/scale in frame pixels): the shrunk crop is then the very pixels a full detection
+        # sees there, and every output location sits where it sits on the full frame, so box and landmark
+        # regressions come out the same (on a 2-pixel grid landmarks moved by a pixel or two).
+        step = self.region_align / scale
         for x1, y1, x2, y2 in boxes:
             left = max(0, int(np.floor(x1 / step) * step))
             top = max(0, int(np.floor(y1 / step) * step))

@@ -51,6 +51,7 @@ class SCRFDDetector(Detector):
 
     name = "scrfd"
     scheme = LandmarkScheme.FIVE
+    region_align = STRIDES[-1]
 
     def __init__(self, model_path: Path, *, runtime: RuntimeOptions | None = None, **options: Any) -> None:
         """`options`: the `Detector` ones (score_threshold, nms_threshold, max_side, min_face)."""

@@ -102,6 +102,7 @@ def to_blob(images: list[np.ndarray], width: int, height: int) -> np.ndarray:
 class YuNetDetector(Detector):
     name = "yunet"
     scheme = LandmarkScheme.FIVE
+    region_align = STRIDES[-1]
 
     def __init__(
         self,

@@ -116,6 +116,16 @@ def box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.divide(inter, union, out=np.zeros_like(inter), where=union > 0)
 
 
+def centres_in(boxes: np.ndarray, regions: np.ndarray) -> np.ndarray:
+    """(M,) bool: whether each x1y1x2y2 box's centre lies inside any of the (N, 4) regions (edges included)."""
+    b = np.asarray(boxes, np.float64).reshape(-1, 4)
+    r = np.asarray(regions, np.float64).reshape(-1, 4)
+    cx = (b[:, 0] + b[:, 2]) / 2
+    cy = (b[:, 1] + b[:, 3]) / 2
+    return ((cx[:, None] >= r[None, :, 0]) & (cx[:, None] <= r[None, :, 2])
+            & (cy[:, None] >= r[None, :, 1]) & (cy[:, None] <= r[None, :, 3])).any(axis=1)
+
+
 def _assign(iou: np.ndarray, min_iou: float) -> tuple[np.ndarray, np.ndarray]:
     """Hungarian assignment maximising IoU; pairs below `min_iou` are never matched."""
     if iou.size == 0:
@@ -264,10 +274,15 @@ class ByteTracker:
         detections in a row (the last one at a high score) or lost for more than `min_hits` frames. True
         with no tracks. A tentative or recently lost track wants every frame (to confirm it, to find it
         again); one lost longer coasts until max_missed and still matches if it comes back."""
+        return bool(np.all(self._settled(min_hits)))
+
+    def _settled(self, min_hits: int) -> np.ndarray:
+        """Per track: confirmed, and matched on its last `min_hits` detections (the last at a high score) or
+        lost for more than `min_hits` frames (see all_stable)."""
         tracks = self._tracks
         seen = (tracks.hits >= min_hits) & (tracks.missed == 0) & (tracks.score >= self.high_threshold)
         gone = tracks.missed > min_hits
-        return bool(np.all((tracks.track_id >= 0) & (seen | gone)))
+        return (tracks.track_id >= 0) & (seen | gone)
 
     def predict(self) -> Faces:
         """A frame without detection: advance every track one frame; live confirmed tracks (matched on
@@ -281,11 +296,8 @@ class ByteTracker:
     def unsettled_boxes(self, min_hits: int) -> np.ndarray:
         """(n, 4) current boxes of the tracks that keep `all_stable` false (tentative, young, recently lost
         or last seen at a low score): where region detection looks between full detections."""
-        tracks = self._tracks
-        seen = (tracks.hits >= min_hits) & (tracks.missed == 0) & (tracks.score >= self.high_threshold)
-        gone = tracks.missed > min_hits
-        rows = np.flatnonzero(~((tracks.track_id >= 0) & (seen | gone)))
-        return kalman.xyah_to_xyxy(tracks.mean[rows, :4]) if len(rows) else np.zeros((0, 4))
+        rows = np.flatnonzero(~self._settled(min_hits))
+        return kalman.xyah_to_xyxy(self._tracks.mean[rows, :4]) if len(rows) else np.zeros((0, 4))
 
     def boxes_of(self, track_ids: list[int] | np.ndarray) -> np.ndarray:
         """(n, 4) current boxes of these confirmed tracks (ids not held are skipped)."""
@@ -329,12 +341,7 @@ class ByteTracker:
         predicted = kalman.xyah_to_xyxy(tracks.mean[:, :4]) if n_tracks else np.zeros((0, 4))
         outside = np.zeros(n_tracks, bool)
         if regions is not None and n_tracks:
-            areas = np.asarray(regions, np.float64).reshape(-1, 4)
-            cx = (predicted[:, 0] + predicted[:, 2]) / 2
-            cy = (predicted[:, 1] + predicted[:, 3]) / 2
-            inside = ((cx[:, None] >= areas[None, :, 0]) & (cx[:, None] <= areas[None, :, 2])
-                      & (cy[:, None] >= areas[None, :, 1]) & (cy[:, None] <= areas[None, :, 3]))
-            outside = ~inside.any(axis=1)
+            outside = ~centres_in(predicted, regions)
         looked = np.flatnonzero(~outside)
 
         scores = faces.scores

@@ -29,7 +29,7 @@ from typing import Literal, Protocol
 import numpy as np
 
 from streamer.publish.events import Event, TrackEnded, TrackEndReason, TrackStarted, TrackUpdated
-from streamer.track.bytetrack import ByteTracker, IdCounter, TrackInfo, box_iou
+from streamer.track.bytetrack import ByteTracker, IdCounter, TrackInfo, box_iou, centres_in
 from streamer.track.gate import InferenceGate, face_quality
 from streamer.track.scenecut import SceneCutDetector
 from streamer.types import Faces, Frame, rounded_box
@@ -230,7 +230,7 @@ class StreamProcessor:
         untracked = _untracked(detections, faces)
         if regions is not None and len(self._untracked):
             # Faces no track holds, last seen outside every region, stay where they were seen (blurring).
-            untracked = Faces.merge([untracked, self._untracked[~_centres_in(self._untracked.boxes, regions)]])
+            untracked = Faces.merge([untracked, self._untracked[~centres_in(self._untracked.boxes, regions)]])
         self._untracked = untracked
         shown = Faces.merge([detections, carried]) if len(carried) else detections
         self.last_detections, self.last_tracked = shown, tracked
@@ -338,11 +338,3 @@ def region_boxes(boxes: np.ndarray, width: int, height: int) -> np.ndarray:
             if merged:
                 break
     return np.asarray(regions, np.float64).reshape(-1, 4)
-
-
-def _centres_in(boxes: np.ndarray, regions: np.ndarray) -> np.ndarray:
-    cx = (boxes[:, 0] + boxes[:, 2]) / 2
-    cy = (boxes[:, 1] + boxes[:, 3]) / 2
-    r = regions
-    return ((cx[:, None] >= r[None, :, 0]) & (cx[:, None] <= r[None, :, 2])
-            & (cy[:, None] >= r[None, :, 1]) & (cy[:, None] <= r[None, :, 3])).any(axis=1)
