@@ -98,3 +98,41 @@ def test_the_streams_end_releases_every_held_end_before_ended():
     events = slot.end(stopped=False)
     kinds = [(e.kind, getattr(e, "track", None)) for e in events]
     assert kinds[:2] == [("track.ended", 1), ("track.ended", 2)] and kinds[-1][0] == "stream.status"
+
+
+def test_a_file_that_runs_out_waits_for_its_last_results_then_ends():
+    """The input is over while a track's faces are at inference (a short file read faster than inference
+    answers): its name still comes, then its track.ended, then the stream's "ended" (at once when nothing
+    waits; after the hold when the result never comes)."""
+    slot = _slot()
+    slot.apply(_started(1))
+    slot.submitted((1,))
+    slot.submitted((1,))  # two batches out: one result is not enough
+    assert slot.apply(_ended(1), now=0.0) == []
+    assert slot.end(stopped=False, hold=True) == [] and slot.ending and not slot.ended
+    batch = _batch((1,))
+    votes = [e for e, _ in slot.recogniser.on_results(batch, _results(1))]
+    assert slot.answered((1,)) == []
+    votes += [e for e, _ in slot.recogniser.on_results(batch, _results(1))]
+    assert [e.kind for e in votes] == ["identity"], "the name the last results carry is published"
+    tail = slot.answered((1,))
+    assert [(e.kind, getattr(e, "status", None)) for e in tail] == [("track.ended", None), ("stream.status", "ended")]
+    assert slot.ended and not slot.ending and tail[1].detail == "end of input"
+    assert slot.end(stopped=False) == []  # once
+
+    nothing_out = _slot()
+    assert [e.status for e in nothing_out.end(stopped=False, hold=True)] == ["ended"] and nothing_out.ended
+
+    never = _slot()
+    never.apply(_started(1))
+    never.submitted((1,))
+    assert never.apply(_ended(1), now=50.0) == [] and never.end(stopped=False, hold=True) == []
+    assert never.release_overdue(51.0, hold_s=3.0) == []
+    late = never.release_overdue(53.5, hold_s=3.0)
+    assert [e.kind for e in late] == ["track.ended", "stream.status"] and never.ended
+
+    stopped = _slot()  # a held end, then the run stops: everything goes out now
+    stopped.apply(_started(1))
+    stopped.submitted((1,))
+    assert stopped.apply(_ended(1), now=0.0) == [] and stopped.end(stopped=False, hold=True) == []
+    assert [e.kind for e in stopped.end(stopped=True)] == ["track.ended", "stream.status"] and stopped.ended

@@ -258,14 +258,15 @@ class DetectWorker:
         self._commands()
         for slot in self.slots:
             self._send(slot.status_events())
-            if slot.ended:
+            if slot.ended or slot.ending:
                 continue
             frame = slot.source.read(timeout=0)
             if frame is not None:
                 self._process(slot, frame)
                 worked = True
             elif slot.source.finished:
-                self._send(slot.end(stopped=False))
+                # Held: names of its last tracks still at inference are published before the stream ends.
+                self._send(slot.end(stopped=False, hold=True))
         # Idle without sources (serving, none added yet): wake less often; a command waits at most that long.
         self._results(timeout_ms=0 if worked else 5 if self.slots else 50)
         self.client.expire()

@@ -59,6 +59,9 @@ class StreamSlot:
         # track.ended stays the track's last event. A file read faster than inference answers needs it most.
         self.in_flight: dict[int, int] = {}
         self._held: dict[int, tuple[float, list[Event]]] = {}
+        # The input is over and its tracks have ended, but some of their ends are held: the stream's
+        # "ended" status follows the last of them (its detail waits here).
+        self._ending: str | None = None
 
     def apply(self, step: Step, now: float | None = None) -> list[Event]:
         """Keep the recogniser's live tracks in step with the processor's; the step's events to send now."""
@@ -98,7 +101,7 @@ class StreamSlot:
                 continue
             self.in_flight.pop(track, None)
             out.extend(self._release(track))
-        return out
+        return out + self._close_if_done()
 
     def release_overdue(self, now: float, hold_s: float) -> list[Event]:
         """Held ends whose results did not come within `hold_s` (worker down, request expired or dropped)."""
@@ -106,7 +109,18 @@ class StreamSlot:
         for track in [t for t, (since, _) in self._held.items() if now - since >= hold_s]:
             self.in_flight.pop(track, None)
             out.extend(self._release(track))
-        return out
+        return out + self._close_if_done()
+
+    @property
+    def ending(self) -> bool:
+        """The input is over; the stream ends once its held track ends are out."""
+        return self._ending is not None and not self.ended
+
+    def _close_if_done(self) -> list[Event]:
+        if self._ending is None or self.ended or self._held:
+            return []
+        self.ended = True
+        return [StreamStatus(stream=self.id, status="ended", detail=self._ending)]
 
     def _release(self, track: int) -> list[Event]:
         held = self._held.pop(track, None)
@@ -131,19 +145,22 @@ class StreamSlot:
                 events.extend(self.apply(self.processor.end_all("source_lost")))
         return events
 
-    def end(self, stopped: bool, detail: str | None = None) -> list[Event]:
+    def end(self, stopped: bool, detail: str | None = None, *, hold: bool = False) -> list[Event]:
         """Every remaining track ends, then the stream (once). `detail` overrides the status's (e.g.
-        "removed" for a source taken away at run time)."""
+        "removed" for a source taken away at run time). `hold` (the input ran out, the run goes on): ends
+        of tracks whose faces are still at inference wait for those results (`answered`, at most until
+        `release_overdue`), and the stream's "ended" follows the last of them; else nothing waits."""
         if self.ended:
             return []
-        events = self.status_events()
-        events.extend(self.apply(self.processor.end_all("stopped" if stopped else "end_of_input")))
-        events.extend(self.release_overdue(float("inf"), 0.0))  # nothing waits past the stream's end
-        note = getattr(self.source, "end_note", None)  # e.g. "file truncated at 1.6 s of 4.8 s"
-        detail = detail or ("stopped" if stopped else "end of input" + (f": {note}" if note else ""))
-        events.append(StreamStatus(stream=self.id, status="ended", detail=detail))
-        self.ended = True
-        return events
+        events: list[Event] = []
+        if self._ending is None:
+            events = self.status_events()
+            events.extend(self.apply(self.processor.end_all("stopped" if stopped else "end_of_input")))
+            note = getattr(self.source, "end_note", None)  # e.g. "file truncated at 1.6 s of 4.8 s"
+            self._ending = detail or ("stopped" if stopped else "end of input" + (f": {note}" if note else ""))
+            if hold:
+                return events + self._close_if_done()
+        return events + self.release_overdue(float("inf"), 0.0)
 
     def stats(self, now: float) -> StreamStats:
         stats = self.source.stats
