@@ -143,16 +143,19 @@ def gallery(tmp_path_factory, model_dir, cache_dir) -> Path:
 
 
 class RemoteWorker:
-    """`streamer inference-worker` on `endpoint`; `start` returns once it listens."""
+    """`streamer inference-worker` on `endpoint`; `start` returns once it listens. `keys`: its CURVE keys
+    folder; `prefix`: a command prefix to run it with (`ip netns exec NS` for another host)."""
 
-    def __init__(self, endpoint: str, env: dict[str, str]) -> None:
-        self.endpoint, self.env = endpoint, env
+    def __init__(self, endpoint: str, env: dict[str, str], *, keys: Path | None = None,
+                 prefix: tuple[str, ...] = ()) -> None:
+        self.endpoint, self.env, self.keys, self.prefix = endpoint, env, keys, tuple(prefix)
         self.process: subprocess.Popen | None = None
 
     def start(self, timeout: float = 120) -> float:
         """Start it; the time.monotonic() at which it said it listens."""
-        self.process = subprocess.Popen([sys.executable, "-m", "streamer", "inference-worker", "--bind", self.endpoint],
-                                        env=self.env, stderr=subprocess.PIPE, text=True)
+        keys = ["--keys", str(self.keys)] if self.keys is not None else []
+        self.process = subprocess.Popen([*self.prefix, sys.executable, "-m", "streamer", "inference-worker", "--bind",
+                                         self.endpoint, *keys], env=self.env, stderr=subprocess.PIPE, text=True)
         lines: queue.Queue[str] = queue.Queue()
         stream = self.process.stderr
         threading.Thread(target=lambda: [lines.put(line) for line in stream], daemon=True).start()

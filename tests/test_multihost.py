@@ -18,7 +18,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import queue
 import secrets
 import shutil
 import signal
@@ -34,6 +33,7 @@ import netns
 from nats_cluster import NatsCluster
 from nats_cluster import available as nats_available
 from postgres import find_bin, remove_cluster, start_cluster
+from test_faults_inference import RemoteWorker
 
 REPO = Path(__file__).resolve().parents[1]
 CLIP = REPO / "sample_videos" / "astronaut.mp4"
@@ -124,40 +124,6 @@ class Bus:
         raise AssertionError(f"gave up after waiting up to {timeout} s for {what}{tail}")
 
 
-class Worker:
-    """`streamer inference-worker` on core, beyond loopback with CURVE; `start` returns once it listens."""
-
-    def __init__(self, hosts: netns.Hosts, keys: Path, env: dict[str, str]) -> None:
-        self.hosts, self.keys, self.env = hosts, keys, env
-        self.process: subprocess.Popen | None = None
-
-    def start(self, timeout: float = 120) -> float:
-        self.process = self.hosts.popen(
-            "core", [sys.executable, "-m", "streamer", "inference-worker", "--bind", f"tcp://0.0.0.0:{WORKER_PORT}",
-                     "--keys", str(self.keys)], env=self.env, stderr=subprocess.PIPE, text=True)
-        lines: queue.Queue[str] = queue.Queue()
-        stream = self.process.stderr
-        threading.Thread(target=lambda: [lines.put(line) for line in stream], daemon=True).start()
-        deadline, seen = time.monotonic() + timeout, []
-        while time.monotonic() < deadline:
-            try:
-                line = lines.get(timeout=0.2)
-            except queue.Empty:
-                assert self.process.poll() is None, f"the inference worker exited: {seen}"
-                continue
-            seen.append(line)
-            if line.startswith("inference worker on "):
-                return time.monotonic()
-        raise AssertionError(f"the inference worker did not start: {seen}")
-
-    def kill(self) -> float:
-        assert self.process is not None
-        sent_at = time.monotonic()
-        os.killpg(self.process.pid, signal.SIGKILL)
-        self.process.wait(10)
-        return sent_at
-
-
 def camera(hosts: netns.Hosts, name: str, folder: Path, env: dict[str, str], *, gallery_url: str, nats_token: str,
            keys: Path, events_keys: Path | None = None) -> subprocess.Popen:
     """`streamer run` on camera host `name`: stream id = host name, everything shared reached at core."""
@@ -203,7 +169,8 @@ def test_two_camera_hosts_share_inference_gallery_and_bus_across_hosts(tmp_path,
                            netns=hosts.ns["core"])
         bus = None
         cams: dict[str, subprocess.Popen] = {}
-        worker = Worker(hosts, keys, env)
+        # `ip netns exec` execs the command: the process is the worker itself, so killing it kills the worker.
+        worker = RemoteWorker(f"tcp://0.0.0.0:{WORKER_PORT}", env, keys=keys, prefix=tuple(hosts.prefix("core")))
         try:
             gallery = {cam: pg.url(host=core_for[cam], sslmode="verify-full", sslrootcert=str(cert))
                        for cam in core_for}
@@ -291,6 +258,7 @@ def test_two_camera_hosts_share_inference_gallery_and_bus_across_hosts(tmp_path,
             for process in cams.values():
                 if process.poll() is None:
                     process.kill()
+            worker.stop()
             if bus is not None:
                 bus.close()
             nats.close()
