@@ -5,7 +5,7 @@
         hosts.peer_addr("cam1", "core") -> "10.R.1.1"
         hosts.run("cam1", [sys.executable, "-c", "..."])  # CompletedProcess, text, 60 s timeout
         hosts.popen("core", [...]) -> subprocess.Popen in its own process group
-        hosts.call("core", fn, *args)      # fn runs on a thread inside core's namespace: its sockets are core's
+        call_in(hosts.ns["core"], fn, *args)   # fn runs on a thread inside core's namespace: its sockets are core's
 
 Names carry a per-run random tag so that namespaces left by a crashed earlier run cannot collide; teardown
 kills what was started here and deletes the namespaces (which removes their veth pairs) even on failure.
@@ -133,9 +133,6 @@ class Hosts:
         if len(mine) != 1:
             raise ValueError(f"{host} has {len(mine)} links matching peer={peer}; name the peer")
         return mine[0][1]
-
-    def call(self, host: str, fn: Callable[..., Any], *args: Any, timeout: float = 60) -> Any:
-        return call_in(self.ns[host], fn, *args, timeout=timeout)
 
     def prefix(self, host: str) -> list[str]:
         return ["ip", "netns", "exec", self.ns[host]]

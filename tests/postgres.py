@@ -18,7 +18,9 @@ import socket
 import subprocess
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
+from itertools import count
 from pathlib import Path
 
 import pytest
@@ -167,3 +169,23 @@ def remove_cluster(cluster: Cluster) -> None:
     if (cluster.data / "postmaster.pid").exists():
         cluster.stop("immediate")
     shutil.rmtree(cluster.root, ignore_errors=True)
+
+
+# Fixtures a test module takes as its own (`cluster = pytest.fixture(scope="module")(cluster_fixture)`,
+# `url = pytest.fixture(name="url")(database_fixture)`): plain functions here, so that no module imports a
+# fixture by name.
+def cluster_fixture() -> Iterator[Cluster]:
+    """One cluster for the module."""
+    pg = start_cluster()
+    try:
+        yield pg
+    finally:
+        remove_cluster(pg)
+
+
+_databases = count()
+
+
+def database_fixture(cluster: Cluster) -> str:
+    """A fresh database of the module's cluster for each test: its URL."""
+    return cluster.createdb(f"db{next(_databases)}")

@@ -12,12 +12,11 @@ import subprocess
 import sys
 import threading
 import time
-from itertools import count
 from pathlib import Path
 
 import numpy as np
 import pytest
-from postgres import remove_cluster, start_cluster
+from postgres import cluster_fixture, database_fixture
 
 from streamer.errors import ConfigError, GalleryError
 from streamer.match.gallery import Gallery
@@ -30,22 +29,10 @@ REPO = Path(__file__).resolve().parents[1]
 EMBEDDER = "dlib_resnet_v1"
 DIM = 128
 log = logging.getLogger(__name__)
-_db_numbers = count()
 
 
-@pytest.fixture(scope="module")
-def cluster():
-    pg = start_cluster()
-    try:
-        yield pg
-    finally:
-        remove_cluster(pg)
-
-
-@pytest.fixture
-def url(cluster) -> str:
-    """A fresh database of the cluster for each test."""
-    return cluster.createdb(f"g{next(_db_numbers)}")
+cluster = pytest.fixture(scope="module", name="cluster")(cluster_fixture)
+url = pytest.fixture(name="url")(database_fixture)
 
 
 def unit(rng: np.random.Generator, n: int, dim: int = DIM) -> np.ndarray:

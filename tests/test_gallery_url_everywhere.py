@@ -8,13 +8,12 @@ import json
 import os
 import subprocess
 import sys
-from itertools import count
 from pathlib import Path
 
 import httpx
 import numpy as np
 import pytest
-from postgres import remove_cluster, start_cluster
+from postgres import cluster_fixture, database_fixture
 
 from streamer.config import load_settings
 from streamer.pipeline import admin
@@ -28,21 +27,10 @@ from test_serve_cli import Served, _wait_for, env  # noqa: E402, F401 - env is a
 REPO = Path(__file__).resolve().parents[1]
 STILL = REPO / "sample_videos" / "astronaut.jpg"
 LIN = "Lin-Manuel Miranda"
-_db_numbers = count()
 
 
-@pytest.fixture(scope="module")
-def cluster():
-    pg = start_cluster()
-    try:
-        yield pg
-    finally:
-        remove_cluster(pg)
-
-
-@pytest.fixture
-def url(cluster) -> str:
-    return cluster.createdb(f"everywhere{next(_db_numbers)}")
+cluster = pytest.fixture(scope="module", name="cluster")(cluster_fixture)
+url = pytest.fixture(name="url")(database_fixture)
 
 
 @pytest.fixture

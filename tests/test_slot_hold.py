@@ -54,20 +54,32 @@ def _results(n: int) -> dict[str, np.ndarray]:
     return {"embedding": embedding / np.linalg.norm(embedding, axis=1, keepdims=True)}
 
 
-def test_an_end_waits_for_the_tracks_results_and_comes_after_them():
+def _holding(batches: int = 1, now: float = 0.0) -> StreamSlot:
+    """A slot whose track 1 ended with `batches` batches of its faces still at inference: its end held."""
     slot = _slot()
     slot.apply(_started(1))
-    slot.submitted((1,))
-    slot.submitted((1,))
-    assert slot.apply(_ended(1), now=0.0) == []  # held: two batches of its faces are still out
+    for _ in range(batches):
+        slot.submitted((1,))
+    assert slot.apply(_ended(1), now=now) == []
+    return slot
+
+
+def _two_results(slot: StreamSlot) -> list:
+    """Both batches of track 1's faces come back; nothing is released after the first. The events their
+    votes give."""
     batch = _batch((1,))
     events = [e for e, _ in slot.recogniser.on_results(batch, _results(1))]
     assert slot.answered((1,)) == []
-    events += [e for e, _ in slot.recogniser.on_results(batch, _results(1))]
+    return events + [e for e, _ in slot.recogniser.on_results(batch, _results(1))]
+
+
+def test_an_end_waits_for_the_tracks_results_and_comes_after_them():
+    slot = _holding(batches=2)  # held: two batches of its faces are still out
+    events = _two_results(slot)
     assert [e.kind for e in events] == ["identity"], "the ended track's second vote still names it"
     released = slot.answered((1,))
     assert [type(e) for e in released] == [TrackEnded] and released[0].track == 1
-    assert slot.recogniser.on_results(batch, _results(1)) == []  # now it is gone
+    assert slot.recogniser.on_results(_batch((1,)), _results(1)) == []  # now it is gone
     assert not slot.in_flight
 
 
@@ -80,10 +92,7 @@ def test_an_end_without_faces_out_is_sent_at_once():
 
 
 def test_a_result_that_never_comes_holds_the_end_only_for_a_while():
-    slot = _slot()
-    slot.apply(_started(1))
-    slot.submitted((1,))
-    assert slot.apply(_ended(1), now=100.0) == []
+    slot = _holding(now=100.0)
     assert slot.release_overdue(101.0, hold_s=3.0) == []
     released = slot.release_overdue(103.5, hold_s=3.0)
     assert [e.track for e in released] == [1] and not slot.in_flight
@@ -104,16 +113,9 @@ def test_a_file_that_runs_out_waits_for_its_last_results_then_ends():
     """The input is over while a track's faces are at inference (a short file read faster than inference
     answers): its name still comes, then its track.ended, then the stream's "ended" (at once when nothing
     waits; after the hold when the result never comes)."""
-    slot = _slot()
-    slot.apply(_started(1))
-    slot.submitted((1,))
-    slot.submitted((1,))  # two batches out: one result is not enough
-    assert slot.apply(_ended(1), now=0.0) == []
+    slot = _holding(batches=2)  # two batches out: one result is not enough
     assert slot.end(stopped=False, hold=True) == [] and slot.ending and not slot.ended
-    batch = _batch((1,))
-    votes = [e for e, _ in slot.recogniser.on_results(batch, _results(1))]
-    assert slot.answered((1,)) == []
-    votes += [e for e, _ in slot.recogniser.on_results(batch, _results(1))]
+    votes = _two_results(slot)
     assert [e.kind for e in votes] == ["identity"], "the name the last results carry is published"
     tail = slot.answered((1,))
     assert [(e.kind, getattr(e, "status", None)) for e in tail] == [("track.ended", None), ("stream.status", "ended")]
@@ -123,16 +125,12 @@ def test_a_file_that_runs_out_waits_for_its_last_results_then_ends():
     nothing_out = _slot()
     assert [e.status for e in nothing_out.end(stopped=False, hold=True)] == ["ended"] and nothing_out.ended
 
-    never = _slot()
-    never.apply(_started(1))
-    never.submitted((1,))
-    assert never.apply(_ended(1), now=50.0) == [] and never.end(stopped=False, hold=True) == []
+    never = _holding(now=50.0)
+    assert never.end(stopped=False, hold=True) == []
     assert never.release_overdue(51.0, hold_s=3.0) == []
     late = never.release_overdue(53.5, hold_s=3.0)
     assert [e.kind for e in late] == ["track.ended", "stream.status"] and never.ended
 
-    stopped = _slot()  # a held end, then the run stops: everything goes out now
-    stopped.apply(_started(1))
-    stopped.submitted((1,))
-    assert stopped.apply(_ended(1), now=0.0) == [] and stopped.end(stopped=False, hold=True) == []
+    stopped = _holding()  # a held end, then the run stops: everything goes out now
+    assert stopped.end(stopped=False, hold=True) == []
     assert [e.kind for e in stopped.end(stopped=True)] == ["track.ended", "stream.status"] and stopped.ended

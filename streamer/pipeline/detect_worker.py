@@ -408,16 +408,15 @@ class _TimedDetector:
         self._buckets = buckets
 
     def detect(self, image: np.ndarray) -> Any:
-        started = time.perf_counter()
-        try:
-            return self._detector.detect(image)
-        finally:
-            self._buckets.observe(time.perf_counter() - started)
+        return self._timed(self._detector.detect, image)
 
     def detect_regions(self, image: np.ndarray, regions: np.ndarray) -> Any:
+        return self._timed(self._detector.detect_regions, image, regions)
+
+    def _timed(self, call: Any, *args: Any) -> Any:
         started = time.perf_counter()
         try:
-            return self._detector.detect_regions(image, regions)
+            return call(*args)
         finally:
             self._buckets.observe(time.perf_counter() - started)
 

@@ -105,6 +105,8 @@ class StreamSlot:
 
     def release_overdue(self, now: float, hold_s: float) -> list[Event]:
         """Held ends whose results did not come within `hold_s` (worker down, request expired or dropped)."""
+        if not self._held:  # the common case, every turn
+            return self._close_if_done()
         out: list[Event] = []
         for track in [t for t, (since, _) in self._held.items() if now - since >= hold_s]:
             self.in_flight.pop(track, None)
