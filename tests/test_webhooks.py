@@ -108,7 +108,8 @@ def test_failures_are_retried_with_backoff_counted_and_order_kept(server):
         begin = time.monotonic()
         for event in events:
             sink.publish(event)
-        wait_until(lambda: len(hook.received) == 3, 10, "all three events")
+        # The server has the body before the sink has read the answer and counted it: wait for both.
+        wait_until(lambda: len(hook.received) == 3 and sink.stats()["sent"] == 3, 10, "all three events")
         assert time.monotonic() - begin >= 0.5 + 1.0 * 0.9, "two failures: waits of 0.5 s and 1 s before the third try"
         assert [r["body"] for r in hook.received] == [e.payload() for e in events], "the ZeroMQ payload, in order"
         assert hook.received[0]["headers"]["content-type"] == "application/json"
