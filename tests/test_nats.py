@@ -301,6 +301,41 @@ def test_a_node_killed_under_load_loses_and_duplicates_nothing(cluster):
     cluster.restart(node[0])
 
 
+def test_a_durable_subscriber_waits_out_a_lost_majority(cluster):
+    """With two of three nodes down JetStream answers no request (as while a leader is elected after a node
+    went: CI saw a consumer lookup time out there); `subscribe --durable` keeps asking and, once a majority is
+    back, resumes after what it printed."""
+    settings = NatsSettings(servers=cluster.urls, stream="ELECT", subject_prefix="elect", replicas=3, max_bytes=SMALL)
+    sink = NatsSink(settings)
+    try:
+        for seq in range(1, 7):
+            sink.publish(started(seq))
+        wait_until(lambda: sink.stats()["sent"] == 6, 15, "six events stored")
+    finally:
+        sink.close()
+    first = io.StringIO()
+    assert print_nats_events(cluster.url(0), durable="elect", stream="ELECT", count=1, out=first, timeout=10) == 1
+    rest = io.StringIO()
+    printed: list[int] = []
+    try:
+        cluster.kill(1)
+        cluster.kill(2)
+        reader = threading.Thread(target=lambda: printed.append(print_nats_events(
+            cluster.url(0), durable="elect", stream="ELECT", count=5, out=rest, timeout=15)), daemon=True)
+        reader.start()
+        time.sleep(3.0)  # longer than one request's timeout (API_TIMEOUT_S): the first ones went unanswered
+        assert reader.is_alive() and not printed
+        cluster.restart(1)
+        reader.join(40)
+        assert printed == [5], rest.getvalue()
+    finally:
+        for node in (1, 2):
+            if cluster.processes[node] is None:
+                cluster.restart(node)
+    seqs = [json.loads(line.split(" ", 1)[1])["seq"] for line in (first.getvalue() + rest.getvalue()).splitlines()]
+    assert seqs == [1, 2, 3, 4, 5, 6]
+
+
 def test_a_hung_server_never_holds_up_the_stop(tmp_path):
     with NatsCluster(tmp_path / "hung", nodes=1) as server:
         sink = NatsSink(NatsSettings(servers=server.urls, stream="HUNG", subject_prefix="hung", max_bytes=SMALL))

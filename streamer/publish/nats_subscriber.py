@@ -28,6 +28,10 @@ log = logging.getLogger(__name__)
 FETCH_BATCH = 256
 FETCH_SLICE_S = 1.0  # a fetch waits this long at most, so --timeout and Ctrl-C are honoured
 CONNECT_TIMEOUT_S = 5.0
+# A JetStream API request times out while the stream's or the consumer's leader is being elected after a node
+# went away (5 s and more on a loaded three-node cluster): such requests are tried again for this long.
+API_RETRY_S = 20.0
+API_TIMEOUT_S = 2.0
 _DURATION = re.compile(r"(?:(\d+(?:\.\d+)?)d)?(?:(\d+(?:\.\d+)?)h)?(?:(\d+(?:\.\d+)?)m)?(?:(\d+(?:\.\d+)?)s)?")
 MAX_SINCE_S = 366 * 86400.0
 
@@ -107,10 +111,21 @@ async def _print(url: str, prefixes: tuple[bytes, ...], kinds: list[str], since_
         why = f"{type(error).__name__}: {error}" if error is not None else f"no answer within {CONNECT_TIMEOUT_S:g} s"
         raise InputError(f"subscribe: cannot connect to NATS {where} ({why}): is nats-server running there, and are "
                          "the credentials in the URL right?") from None
+    async def retried(call):  # noqa: ANN001, ANN202 - a coroutine factory, whatever it returns
+        deadline = time.monotonic() + API_RETRY_S
+        while True:
+            try:
+                return await call()
+            except (nats.errors.TimeoutError, nats.js.errors.ServiceUnavailableError):
+                if time.monotonic() >= deadline:
+                    raise
+                log.debug("NATS %s: a JetStream request went unanswered; trying again", where)
+                await asyncio.sleep(0.25)
+
     try:
-        js = nc.jetstream()
+        js = nc.jetstream(timeout=API_TIMEOUT_S)
         try:
-            info = await js.stream_info(stream)
+            info = await retried(lambda: js.stream_info(stream))
         except nats.js.errors.NotFoundError:
             raise InputError(f"subscribe: NATS {where} has no stream {stream}: is `streamer run` publishing there "
                              "(publish.nats), or is it another --js-stream?") from None
@@ -133,9 +148,12 @@ async def _print(url: str, prefixes: tuple[bytes, ...], kinds: list[str], since_
             config.filter_subject = filters[0]
         if durable is not None:
             try:
-                existing = await js.consumer_info(stream, durable)
+                existing = await retried(lambda: js.consumer_info(stream, durable))
             except nats.js.errors.NotFoundError:
                 existing = None
+            except (nats.errors.TimeoutError, nats.js.errors.ServiceUnavailableError):
+                raise InputError(f"subscribe: NATS {where} did not answer about durable consumer {durable} for "
+                                 f"{API_RETRY_S:g} s: is a majority of the JetStream cluster up?") from None
             if existing is not None:
                 have = existing.config.filter_subjects or [existing.config.filter_subject]
                 log.info("resuming durable consumer %s where it left off (%d not yet printed)%s", durable,
@@ -145,7 +163,12 @@ async def _print(url: str, prefixes: tuple[bytes, ...], kinds: list[str], since_
                                      f"{', '.join(filters)}: use the same --kind options, or another --durable name")
         else:
             config.inactive_threshold = 30.0  # the server forgets an ephemeral consumer whose reader went
-        subscription = await js.pull_subscribe(filters[0], durable=durable, stream=stream, config=config)
+        try:
+            subscription = await retried(
+                lambda: js.pull_subscribe(filters[0], durable=durable, stream=stream, config=config))
+        except (nats.errors.TimeoutError, nats.js.errors.ServiceUnavailableError):
+            raise InputError(f"subscribe: NATS {where} did not make the consumer for {API_RETRY_S:g} s: is a "
+                             "majority of the JetStream cluster up?") from None
         return await _loop(subscription, prefix, prefixes, durable is not None, out, count, timeout)
     finally:
         try:
