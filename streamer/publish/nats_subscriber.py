@@ -111,7 +111,8 @@ async def _print(url: str, prefixes: tuple[bytes, ...], kinds: list[str], since_
         why = f"{type(error).__name__}: {error}" if error is not None else f"no answer within {CONNECT_TIMEOUT_S:g} s"
         raise InputError(f"subscribe: cannot connect to NATS {where} ({why}): is nats-server running there, and are "
                          "the credentials in the URL right?") from None
-    async def retried(call):  # noqa: ANN001, ANN202 - a coroutine factory, whatever it returns
+
+    async def retried(call):  # call: makes the request's coroutine anew for each try
         deadline = time.monotonic() + API_RETRY_S
         while True:
             try:
