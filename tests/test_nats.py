@@ -301,10 +301,13 @@ def test_a_node_killed_under_load_loses_and_duplicates_nothing(cluster):
     cluster.restart(node[0])
 
 
-def test_a_durable_subscriber_waits_out_a_lost_majority(cluster):
+def test_a_durable_subscriber_waits_out_a_lost_majority(cluster, monkeypatch):
     """With two of three nodes down JetStream answers no request (as while a leader is elected after a node
     went: CI saw a consumer lookup time out there); `subscribe --durable` keeps asking and, once a majority is
-    back, resumes after what it printed."""
+    back, resumes after what it printed. Given up on, it is one line."""
+    import streamer.publish.nats_subscriber as subscriber
+    from streamer.errors import InputError
+
     settings = NatsSettings(servers=cluster.urls, stream="ELECT", subject_prefix="elect", replicas=3, max_bytes=SMALL)
     sink = NatsSink(settings)
     try:
@@ -325,6 +328,13 @@ def test_a_durable_subscriber_waits_out_a_lost_majority(cluster):
         reader.start()
         time.sleep(3.0)  # longer than one request's timeout (API_TIMEOUT_S): the first ones went unanswered
         assert reader.is_alive() and not printed
+        # Meanwhile another subscriber that asks only for a second gives up in one line (the reader's own
+        # deadline was fixed when it asked).
+        with monkeypatch.context() as patch:
+            patch.setattr(subscriber, "API_RETRY_S", 1.0)
+            gave_up = r"NATS nats://127\.0\.0\.1:\d+ (answers no JetStream requests|did not make the consumer for 1 s)"
+            with pytest.raises(InputError, match=gave_up):
+                print_nats_events(cluster.url(0), stream="ELECT", count=1, out=io.StringIO(), timeout=5)
         cluster.restart(1)
         reader.join(40)
         assert printed == [5], rest.getvalue()

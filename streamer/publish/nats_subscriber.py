@@ -15,9 +15,9 @@ import logging
 import re
 import sys
 import time
-from collections.abc import Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from datetime import datetime, timedelta, timezone
-from typing import TextIO
+from typing import Any, TextIO
 
 from streamer.errors import InputError
 from streamer.publish.events import KINDS, parse_event
@@ -31,7 +31,7 @@ CONNECT_TIMEOUT_S = 5.0
 # A JetStream API request times out while the stream's or the consumer's leader is being elected after a node
 # went away (5 s and more on a loaded three-node cluster): such requests are tried again for this long.
 API_RETRY_S = 20.0
-API_TIMEOUT_S = 2.0
+API_TIMEOUT_S = 2.0  # each try: short, so a request to a leader that has just gone is soon asked again
 _DURATION = re.compile(r"(?:(\d+(?:\.\d+)?)d)?(?:(\d+(?:\.\d+)?)h)?(?:(\d+(?:\.\d+)?)m)?(?:(\d+(?:\.\d+)?)s)?")
 MAX_SINCE_S = 366 * 86400.0
 
@@ -112,27 +112,31 @@ async def _print(url: str, prefixes: tuple[bytes, ...], kinds: list[str], since_
         raise InputError(f"subscribe: cannot connect to NATS {where} ({why}): is nats-server running there, and are "
                          "the credentials in the URL right?") from None
 
-    async def retried(call):  # call: makes the request's coroutine anew for each try
+    async def retried(call: Callable[[], Awaitable[Any]], unanswered: str) -> Any:
+        """`call()`'s answer (call makes the request anew each try), asked again while JetStream does not
+        answer; InputError(`unanswered`) after API_RETRY_S. Other errors (not found, no responders) at once."""
         deadline = time.monotonic() + API_RETRY_S
         while True:
             try:
                 return await call()
             except (nats.errors.TimeoutError, nats.js.errors.ServiceUnavailableError):
                 if time.monotonic() >= deadline:
-                    raise
+                    raise InputError(f"subscribe: NATS {where} {unanswered}") from None
                 log.debug("NATS %s: a JetStream request went unanswered; trying again", where)
                 await asyncio.sleep(0.25)
+
+    no_jetstream = "answers no JetStream requests: is JetStream enabled (nats-server -js) and its cluster up?"
+    no_majority = f"for {API_RETRY_S:g} s: is a majority of the JetStream cluster up?"
 
     try:
         js = nc.jetstream(timeout=API_TIMEOUT_S)
         try:
-            info = await retried(lambda: js.stream_info(stream))
+            info = await retried(lambda: js.stream_info(stream), no_jetstream)
         except nats.js.errors.NotFoundError:
             raise InputError(f"subscribe: NATS {where} has no stream {stream}: is `streamer run` publishing there "
                              "(publish.nats), or is it another --js-stream?") from None
-        except (nats.errors.TimeoutError, nats.errors.NoRespondersError, nats.js.errors.ServiceUnavailableError):
-            raise InputError(f"subscribe: NATS {where} answers no JetStream requests: is JetStream enabled "
-                             "(nats-server -js) and its cluster up?") from None
+        except nats.errors.NoRespondersError:
+            raise InputError(f"subscribe: NATS {where} {no_jetstream}") from None
         subjects = info.config.subjects or []
         prefix = subjects[0][:-2] if len(subjects) == 1 and subjects[0].endswith(".>") else "streamer"
         filters = [f"{prefix}.{kind_token(kind)}.*" for kind in kinds] or [f"{prefix}.*.*"]  # not the crops
@@ -149,12 +153,10 @@ async def _print(url: str, prefixes: tuple[bytes, ...], kinds: list[str], since_
             config.filter_subject = filters[0]
         if durable is not None:
             try:
-                existing = await retried(lambda: js.consumer_info(stream, durable))
+                existing = await retried(lambda: js.consumer_info(stream, durable),
+                                         f"did not answer about durable consumer {durable} {no_majority}")
             except nats.js.errors.NotFoundError:
                 existing = None
-            except (nats.errors.TimeoutError, nats.js.errors.ServiceUnavailableError):
-                raise InputError(f"subscribe: NATS {where} did not answer about durable consumer {durable} for "
-                                 f"{API_RETRY_S:g} s: is a majority of the JetStream cluster up?") from None
             if existing is not None:
                 have = existing.config.filter_subjects or [existing.config.filter_subject]
                 log.info("resuming durable consumer %s where it left off (%d not yet printed)%s", durable,
@@ -164,12 +166,9 @@ async def _print(url: str, prefixes: tuple[bytes, ...], kinds: list[str], since_
                                      f"{', '.join(filters)}: use the same --kind options, or another --durable name")
         else:
             config.inactive_threshold = 30.0  # the server forgets an ephemeral consumer whose reader went
-        try:
-            subscription = await retried(
-                lambda: js.pull_subscribe(filters[0], durable=durable, stream=stream, config=config))
-        except (nats.errors.TimeoutError, nats.js.errors.ServiceUnavailableError):
-            raise InputError(f"subscribe: NATS {where} did not make the consumer for {API_RETRY_S:g} s: is a "
-                             "majority of the JetStream cluster up?") from None
+        subscription = await retried(
+            lambda: js.pull_subscribe(filters[0], durable=durable, stream=stream, config=config),
+            f"did not make the consumer {no_majority}")
         return await _loop(subscription, prefix, prefixes, durable is not None, out, count, timeout)
     finally:
         try:
