@@ -231,3 +231,15 @@ def test_regions_covering_much_of_the_frame_become_a_full_detection():
     for frame in _frames(30):
         proc.process(frame)
     assert not det.regional and 5 < len(det.full)
+
+
+def test_a_track_lost_for_longer_than_stable_hits_is_left_to_the_full_detections():
+    # The walker is inferred at birth (frame 2) and gone at frame 8, before its second (warm-up) inference:
+    # the gate keeps wanting it, but after stable_hits missed frames only full detections look for it.
+    proc, det = _processor(lambda i: [_still(i)] + ([_walker(i)] if i < 8 else []), max_interval=10, stable_hits=5)
+    steps = [proc.process(frame) for frame in _frames(60)]
+    # Frames 5-9 predicted (both tracks stable), the full detection at 10 misses it: searched on 11-15.
+    assert det.full == list(range(0, 60, 10))
+    assert [i for i in det.regional if i > 5] == [11, 12, 13, 14, 15]
+    ended = [e.track for s in steps for e in s.events if isinstance(e, TrackEnded)]
+    assert ended == [2], "it still ends after max_missed frames"

@@ -157,6 +157,16 @@ def test_face_missing_a_few_frames_keeps_its_id():
     assert list(tracker.active_ids) == [seen[0]]
 
 
+def test_findable_ids_are_the_tracks_seen_or_lost_within_the_window():
+    tracker = ByteTracker(min_hits=1, max_missed=30)
+    run(tracker, [faces_of([box_at(100, 200), box_at(400, 200)])] * 2)
+    assert tracker.findable_ids(3) == [1, 2]
+    for t in range(2, 8):  # the second face is gone: lost 1, 2, ... frames
+        tracker.update(faces_of([box_at(100, 200)]), t, t / 25)
+        assert tracker.findable_ids(3) == ([1, 2] if t - 1 <= 3 else [1])
+    assert list(tracker.active_ids) == [1, 2], "not findable, still live until max_missed"
+
+
 def test_face_missing_longer_than_max_missed_ends_and_returns_with_a_new_id():
     tracker = ByteTracker(min_hits=3, max_missed=5)
     present = lambda t: t < 10 or t >= 20  # noqa: E731 - absent for 10 frames > max_missed

@@ -293,6 +293,12 @@ class ByteTracker:
         tracks.missed[tracks.missed > 0] += 1  # ended at the next detection once beyond max_missed
         return self._predicted_faces(np.flatnonzero((tracks.track_id >= 0) & (tracks.missed == 0)))
 
+    def findable_ids(self, within: int) -> list[int]:
+        """Public ids of the confirmed tracks matched on their last detection or lost for at most `within`
+        frames: those still worth looking for between full detections (see all_stable)."""
+        tracks = self._tracks
+        return tracks.track_id[(tracks.track_id >= 0) & (tracks.missed <= within)].tolist()
+
     def unsettled_boxes(self, min_hits: int) -> np.ndarray:
         """(n, 4) current boxes of the tracks that keep `all_stable` false (tentative, young, recently lost
         or last seen at a low score): where region detection looks between full detections."""
