@@ -73,10 +73,14 @@ def run(proc: StreamProcessor, n: int, start: int = 0) -> list:
 
 
 # -- the schedule ----------------------------------------------------------------------------------------
-def test_default_detects_every_frame():
-    proc, det = processor(lambda i: [face(walking(i))])
+def test_max_interval_1_detects_every_frame_and_the_default_adapts():
+    proc, det = processor(lambda i: [face(walking(i))], max_interval=1)
     run(proc, 60)
     assert det.asked == list(range(60)) and proc.detected_frames == 60
+    assert Settings().detector.max_interval == 10
+    proc, det = processor(lambda i: [face(walking(i))])
+    run(proc, 60)
+    assert proc.detected_frames < 30 and max(np.diff(det.asked)) == 10
 
 
 def test_stable_track_is_detected_every_max_interval_frames_and_predicted_in_between():
@@ -102,7 +106,7 @@ def test_stable_track_is_detected_every_max_interval_frames_and_predicted_in_bet
 
 
 def test_interval_keeps_its_meaning_when_max_interval_is_unset():
-    proc, det = processor(lambda i: [face(walking(i))], interval=3)
+    proc, det = processor(lambda i: [face(walking(i))], interval=3, max_interval=None)
     run(proc, 30)
     assert det.asked == list(range(0, 30, 3))
 
@@ -160,7 +164,7 @@ def test_inference_happens_on_the_same_frames_as_with_detection_on_every_frame()
         proc, _ = processor(lambda i: [face(walking(i, speed=1.0))], **detector)
         return [s.chips.frame for s in run(proc, 200) if s.chips is not None]
 
-    every = chip_frames()
+    every = chip_frames(max_interval=1)
     assert len(every) >= 4
     assert chip_frames(max_interval=5) == every
     assert chip_frames(max_interval=30) == every

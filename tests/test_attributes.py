@@ -10,6 +10,7 @@ from streamer.config import AttributeSettings
 from streamer.errors import ConfigError, ModelError
 from streamer.infer.attributes import (
     DEFAULT_MIN_EMOTION_CONFIDENCE,
+    DEFAULT_MIN_EMOTION_READINGS,
     DEFAULT_MIN_GENDER_CONFIDENCE,
     HEADS,
     AgeHead,
@@ -282,5 +283,6 @@ def test_confidence_settings_default_to_the_module_constants(monkeypatch):
     settings = AttributeSettings()
     assert settings.min_gender_confidence == DEFAULT_MIN_GENDER_CONFIDENCE
     assert settings.min_emotion_confidence == DEFAULT_MIN_EMOTION_CONFIDENCE
+    assert settings.min_emotion_readings == DEFAULT_MIN_EMOTION_READINGS
     with pytest.raises(ValueError, match="min_emotion_confidence"):
         AttributeSettings(min_emotion_confidence=2)

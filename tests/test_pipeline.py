@@ -169,7 +169,7 @@ def test_adaptive_detection_with_regions_names_lin_on_the_same_frame(env, media_
     adapts, with regions, must name him as early as detection on every frame does."""
     clip = media_dir / "face_recognition/examples/short_hamilton_clip.mp4"
     first = {}
-    for mode, extra in (("every frame", {}), ("adaptive", {"STREAMER_DETECTOR__MAX_INTERVAL": "10"})):
+    for mode, extra in (("every frame", {"STREAMER_DETECTOR__MAX_INTERVAL": "1"}), ("adaptive", {})):
         run = Run([str(clip), "--gallery", str(lin_gallery)], {**env, **extra})
         assert run.finish() == 0, run.stderr
         check_stream_invariants(run)

@@ -59,7 +59,8 @@ def frames(n: int, colour=(90, 120, 150), start: int = 0, fps: float = 30.0):
 
 
 def settings(**sections) -> Settings:
-    return Settings(**sections)
+    # ScriptedDetector answers by call, not by frame: detection on every (interval-th) frame, unless asked.
+    return Settings(**{**sections, "detector": {"max_interval": None, **sections.get("detector", {})}})
 
 
 def processor(script, **sections) -> StreamProcessor:

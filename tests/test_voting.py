@@ -106,7 +106,7 @@ def emotion(**scores: float) -> Emotion:
     return Emotion(label=max(full, key=full.__getitem__), scores=full)
 
 
-ALWAYS = {"min_gender_confidence": 0.0, "min_emotion_confidence": 0.0}  # never abstain
+ALWAYS = {"min_gender_confidence": 0.0, "min_emotion_confidence": 0.0, "min_emotion_readings": 1}  # never abstain
 
 
 def test_smoother_averages_age_gender_and_emotion():
@@ -174,7 +174,7 @@ def test_smoother_weights_observations():
 
 
 def test_smoother_abstains_on_the_smoothed_value():
-    smoother = AttributeSmoother(min_gender_confidence=0.7, min_emotion_confidence=0.5)
+    smoother = AttributeSmoother(min_gender_confidence=0.7, min_emotion_confidence=0.5, min_emotion_readings=1)
     first = smoother.add(1, Attributes(gender=Gender("woman", 0.9), emotion=emotion(happy=0.9, sad=0.1)))
     assert first.gender == Gender("woman", pytest.approx(0.9)) and first.emotion.label == "happy"
     # a second, contradicting view: P(man) = (0.1 + 0.8) / 2 = 0.45 -> woman 0.55 < 0.7: withheld;
@@ -188,6 +188,20 @@ def test_smoother_abstains_on_the_smoothed_value():
     assert AttributeSmoother().min_gender_confidence == 0.7  # the settings' defaults
     with pytest.raises(ValueError, match="min_emotion_confidence"):
         AttributeSmoother(min_emotion_confidence=-0.1)
+
+
+def test_a_tracks_emotion_waits_for_its_second_reading():
+    smoother = AttributeSmoother(min_emotion_confidence=0.5)
+    first = smoother.add(1, Attributes(age=30.0, gender=Gender("woman", 0.9), emotion=emotion(angry=0.6, happy=0.4)))
+    assert first.emotion is None and first.age == 30.0 and first.gender.label == "woman", "age, gender at once"
+    assert smoother.add(1, Attributes(emotion=emotion(angry=0.1, happy=0.9)), weight=0.0).emotion is None
+    second = smoother.add(1, Attributes(emotion=emotion(angry=0.1, happy=0.9)))
+    assert second.emotion.label == "happy" and second.emotion.scores["happy"] == pytest.approx(0.65)
+    single = AttributeSmoother(min_emotion_confidence=0.5, min_emotion_readings=1)
+    assert single.add(1, Attributes(emotion=emotion(angry=0.9, happy=0.1))).emotion.label == "angry"
+    for bad in (0, 1.5):
+        with pytest.raises(ValueError, match="min_emotion_readings"):
+            AttributeSmoother(min_emotion_readings=bad)
 
 
 def test_smoother_from_settings():

@@ -50,6 +50,10 @@ AGE_MARGIN = 0.4  # SSR-Net demo `ad`: box grows 40 % of its width/height on eac
 # label under 0.5 is more likely wrong than right (the dark Hamilton audience reads 0.3-0.5 "angry").
 DEFAULT_MIN_GENDER_CONFIDENCE = 0.7
 DEFAULT_MIN_EMOTION_CONFIDENCE = 0.5
+# A track's emotion waits for this many readings: one frame of a face (a laugh caught mid-way, a blink)
+# reads a strong wrong expression often enough; the second reading comes with the name's (recognition's
+# warm-up refresh), so it costs a fraction of a second. Setting attributes.min_emotion_readings.
+DEFAULT_MIN_EMOTION_READINGS = 2
 
 
 # ---------------------------------------------------------------------------------------------

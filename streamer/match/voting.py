@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 
 from streamer.infer.attributes import (
     DEFAULT_MIN_EMOTION_CONFIDENCE,
+    DEFAULT_MIN_EMOTION_READINGS,
     DEFAULT_MIN_GENDER_CONFIDENCE,
 )
 from streamer.lru import LruDict
@@ -124,6 +125,7 @@ class _Sums:
     gender_w: float = 0.0
     emotion_sums: dict[str, float] = field(default_factory=dict)
     emotion_w: float = 0.0
+    emotion_n: int = 0  # readings with a positive weight
 
 
 def _check_confidence(name: str, value: float) -> float:
@@ -135,8 +137,9 @@ def _check_confidence(name: str, value: float) -> float:
 class AttributeSmoother:
     """Weighted running means over a track: age averaged, gender by mean P(man), emotion by mean class
     scores; then gender / emotion are withheld (None) while the smoothed probability of the winning
-    label is below min_gender_confidence / min_emotion_confidence (0 = always answer; the defaults are
-    those of settings attributes.*, so a smoother built without settings abstains as configured)."""
+    label is below min_gender_confidence / min_emotion_confidence (0 = always answer), and emotion also
+    until the track has min_emotion_readings readings. The defaults are those of settings attributes.*, so
+    a smoother built without settings abstains as configured."""
 
     def __init__(
         self,
@@ -144,8 +147,12 @@ class AttributeSmoother:
         *,
         min_gender_confidence: float = DEFAULT_MIN_GENDER_CONFIDENCE,
         min_emotion_confidence: float = DEFAULT_MIN_EMOTION_CONFIDENCE,
+        min_emotion_readings: int = DEFAULT_MIN_EMOTION_READINGS,
     ) -> None:
         _check_max_tracks("AttributeSmoother", max_tracks)
+        if not (isinstance(min_emotion_readings, int) and min_emotion_readings >= 1):
+            raise ValueError(f"AttributeSmoother: min_emotion_readings must be an integer >= 1, got {min_emotion_readings!r}")
+        self.min_emotion_readings = min_emotion_readings
         self.max_tracks = int(max_tracks)
         self.min_gender_confidence = _check_confidence("min_gender_confidence", min_gender_confidence)
         self.min_emotion_confidence = _check_confidence("min_emotion_confidence", min_emotion_confidence)
@@ -156,6 +163,7 @@ class AttributeSmoother:
         return cls(
             min_gender_confidence=settings.min_gender_confidence,
             min_emotion_confidence=settings.min_emotion_confidence,
+            min_emotion_readings=settings.min_emotion_readings,
         )
 
     def __len__(self) -> int:
@@ -186,6 +194,7 @@ class AttributeSmoother:
             for label, value in attributes.emotion.scores.items():
                 sums.emotion_sums[label] = sums.emotion_sums.get(label, 0.0) + weight * float(value)
             sums.emotion_w += weight
+            sums.emotion_n += weight > 0
         return self._smoothed(sums)
 
     def _smoothed(self, sums: _Sums) -> Attributes:
@@ -197,7 +206,7 @@ class AttributeSmoother:
             if gender.probability < self.min_gender_confidence:
                 gender = None
         emotion = None
-        if sums.emotion_w > 0 and sums.emotion_sums:
+        if sums.emotion_w > 0 and sums.emotion_sums and sums.emotion_n >= self.min_emotion_readings:
             scores = {label: total / sums.emotion_w for label, total in sums.emotion_sums.items()}
             label = max(scores, key=scores.__getitem__)
             if scores[label] >= self.min_emotion_confidence:
