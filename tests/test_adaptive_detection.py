@@ -78,7 +78,7 @@ def test_max_interval_1_detects_every_frame_and_the_default_adapts():
     run(proc, 60)
     assert det.asked == list(range(60)) and proc.detected_frames == 60
     assert Settings().detector.max_interval == 10
-    proc, det = processor(lambda i: [face(walking(i))])
+    proc, det = processor(lambda i: [face(walking(i, speed=0.0))])
     run(proc, 60)
     assert proc.detected_frames < 30 and max(np.diff(det.asked)) == 10
 
@@ -103,6 +103,20 @@ def test_stable_track_is_detected_every_max_interval_frames_and_predicted_in_bet
         assert np.abs(step.tracked.boxes[0] - np.asarray(walking(index))).max() < 3.0, index
         assert step.tracked.landmarks.shape == (1, 5, 2)
     assert proc.last_tracked is steps[-1].tracked  # what the worker draws
+
+
+def test_a_fast_face_is_looked_for_more_often_and_keeps_its_track_when_it_turns_back():
+    # 6 px a frame, then back: predicted for 10 frames it would be 100 px off (more than its width) when it
+    # turns. Looked for before its predicted motion reaches 15% of its height (100 px), it stays one track.
+    def pacing(i: int) -> Box:
+        x = 40.0 + 6 * (i if i < 40 else 80 - i)
+        return (x, 60.0, x + 80, 160.0)
+
+    proc, det = processor(lambda i: [face(pacing(i))], max_interval=10, regions=False)
+    steps = run(proc, 80)
+    started = [e.track for s in steps for e in s.events if isinstance(e, TrackStarted)]
+    assert started == [1] and not [e for s in steps for e in s.events if isinstance(e, TrackEnded)]
+    assert max(np.diff(det.asked)) <= 4 and len(det.asked) < 50
 
 
 def test_interval_keeps_its_meaning_when_max_interval_is_unset():
@@ -204,9 +218,12 @@ def test_tracker_predict_neither_hits_nor_misses_a_live_track():
     assert tracker.all_stable(2) and not tracker.all_stable(3)
     for i in range(2, 12):  # the motion model learns the speed
         tracker.update(faces_at(walking(i)), i, i / 10)
-    for _ in range(10):  # more than max_missed
+    tracker.predict()
+    assert tracker.all_stable(2)
+    for _ in range(9):  # more than max_missed
         predicted = tracker.predict()
-    assert predicted.track_ids.tolist() == [1] and tracker.all_stable(2)
+    # Still live; but it has moved 20 px (a fifth of its height) since it was last looked for: look again.
+    assert predicted.track_ids.tolist() == [1] and not tracker.all_stable(2)
     assert np.abs(predicted.boxes[0] - np.asarray(walking(21))).max() < 2.0
     assert np.allclose(predicted.landmarks[0], predicted.boxes[0][:2], atol=1e-3)  # moved with the box
     update = tracker.update(faces_at(walking(22)), 22, 2.2)

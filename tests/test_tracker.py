@@ -167,6 +167,24 @@ def test_findable_ids_are_the_tracks_seen_or_lost_within_the_window():
     assert list(tracker.active_ids) == [1, 2], "not findable, still live until max_missed"
 
 
+def test_a_track_found_far_from_its_prediction_is_no_longer_stable():
+    tracker = ByteTracker(min_hits=1, max_missed=30)
+    for t in range(6):  # 4 px a frame to the right: the filter learns the speed
+        tracker.update(faces_of([box_at(100 + 4 * t, 200)]), t, t / 25)
+    assert tracker.all_stable(5)
+    for _ in range(3):
+        tracker.predict()
+    # Turned back: found 24 px left of where it was (predicted 12 px right of it), IoU with the prediction < 0.5.
+    update = tracker.update(faces_of([box_at(100 + 4 * 5 - 12, 200)]), 9, 9 / 25)
+    assert update.faces.track_ids.tolist() == [1] and not tracker.all_stable(5)
+    # Its pace since the last look, 3 px a frame: left alone for a frame, looked for again before it has
+    # moved 9 px (15% of its 60 px).
+    tracker.predict()
+    assert tracker.all_stable(1)
+    tracker.predict()
+    assert not tracker.all_stable(1)
+
+
 def test_face_missing_longer_than_max_missed_ends_and_returns_with_a_new_id():
     tracker = ByteTracker(min_hits=3, max_missed=5)
     present = lambda t: t < 10 or t >= 20  # noqa: E731 - absent for 10 frames > max_missed
