@@ -52,8 +52,9 @@ class RuntimeSettings(_Section):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     threads: int = Field(
         0, ge=0, le=256,
-        description="onnxruntime intra-op threads per session, detectors included; 0 = onnxruntime's choice for "
-        "the inference models and 1 for the detector (it shares its process with decoding)",
+        description="onnxruntime intra-op threads per session, detectors included; 0 = 1 for the detector (it "
+        "shares its process with decoding) and the attribute heads (too small to split), and for the embedder "
+        "onnxruntime's choice (1 on 2 cores or fewer)",
     )
 
 

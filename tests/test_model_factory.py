@@ -35,7 +35,15 @@ def test_default_threads_keep_detection_on_one_core(settings_for):
     factory = ModelFactory(settings_for())
     with factory.detector() as made:
         assert threads(made.model) == 1  # it shares the detect worker with decoding
-    assert threads(factory.embedder().model) == 0  # onnxruntime's choice
+    assert all(threads(head.model) == 1 for head in factory.heads().values())  # too small to split
+
+
+def test_default_embedder_threads_follow_the_cores(settings_for, monkeypatch):
+    import streamer.models.factory as factory_module
+
+    for cpus, expected in ((2, 1), (8, 0)):  # 0: onnxruntime's choice
+        monkeypatch.setattr(factory_module, "cores", lambda cpus=cpus: cpus)
+        assert threads(ModelFactory(settings_for()).embedder().model) == expected
 
 
 def test_for_tracking_detects_down_to_the_tracker_low_bar(settings_for):

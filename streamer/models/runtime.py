@@ -7,6 +7,7 @@ session is built, because onnxruntime-gpu silently falls back to CPU without CUD
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +20,14 @@ from streamer.errors import ModelError
 log = logging.getLogger(__name__)
 
 Device = Literal["auto", "cpu", "cuda"]
+
+
+def cores() -> int:
+    """CPUs this process may run on (a container's or taskset's share, not the host's)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)
 
 
 @dataclass(frozen=True)

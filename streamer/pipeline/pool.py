@@ -9,20 +9,12 @@ run time goes to the worker holding the fewest, a command about a stream to the 
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from streamer.models.runtime import cores
 from streamer.pipeline.messages import WorkerStats
-
-
-def cores() -> int:
-    """CPUs this process may run on (a container's or taskset's share, not the host's)."""
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except (AttributeError, OSError):
-        return max(1, os.cpu_count() or 1)
 
 
 def detect_worker_count(setting: Literal["auto"] | int, streams: int, *, keep_running: bool = False,
