@@ -125,16 +125,6 @@ def box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.divide(inter, union, out=np.zeros_like(inter), where=union > 0)
 
 
-def track_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """IoU of each row of `a` with the same row of `b` ((n, 4) xyxy each)."""
-    a, b = np.asarray(a, np.float64).reshape(-1, 4), np.asarray(b, np.float64).reshape(-1, 4)
-    w = np.clip(np.minimum(a[:, 2], b[:, 2]) - np.maximum(a[:, 0], b[:, 0]), 0, None)
-    h = np.clip(np.minimum(a[:, 3], b[:, 3]) - np.maximum(a[:, 1], b[:, 1]), 0, None)
-    inter = w * h
-    union = (a[:, 2] - a[:, 0]) * (a[:, 3] - a[:, 1]) + (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1]) - inter
-    return inter / np.maximum(union, 1e-9)
-
-
 def centres_in(boxes: np.ndarray, regions: np.ndarray) -> np.ndarray:
     """(M,) bool: whether each x1y1x2y2 box's centre lies inside any of the (N, 4) regions (edges included)."""
     b = np.asarray(boxes, np.float64).reshape(-1, 4)
@@ -303,14 +293,13 @@ class ByteTracker:
         slow enough, or lost for more than `min_hits` frames (see all_stable)."""
         tracks = self._tracks
         seen = (tracks.hits >= min_hits) & (tracks.missed == 0) & (tracks.score >= self.high_threshold)
-        if len(tracks):
-            # ... and not so fast that by the next frame it would have moved far from where it was last looked
-            # for (see _LOOK_SHIFT): a fast face is followed more often than a still one. Speed: the filter's,
-            # or the pace seen between its last two detections where that is faster (the filter takes
-            # several detections to learn that a face turned back).
-            v = tracks.mean
-            speed = np.maximum(np.hypot(v[:, 4], v[:, 5]) + np.abs(v[:, 7]), tracks.pace)
-            seen &= (tracks.predicted + 1) * speed < _LOOK_SHIFT * np.maximum(v[:, 3], 1.0)
+        # ... and not so fast that by the next frame it would have moved far from where it was last looked for
+        # (see _LOOK_SHIFT): a fast face is followed more often than a still one. Speed: the filter's, or the
+        # pace seen between its last two detections where that is faster (the filter takes several detections
+        # to learn that a face turned back).
+        v = tracks.mean
+        speed = np.maximum(np.hypot(v[:, 4], v[:, 5]) + np.abs(v[:, 7]), tracks.pace)
+        seen &= (tracks.predicted + 1) * speed < _LOOK_SHIFT * np.maximum(v[:, 3], 1.0)
         gone = tracks.missed > min_hits
         return (tracks.track_id >= 0) & (seen | gone)
 
@@ -408,17 +397,17 @@ class ByteTracker:
         if len(matched):
             det = det_of_track[matched]
             boxes = faces.boxes[det]
-            tracks.mean[matched], tracks.cov[matched] = kalman.update(
-                tracks.mean[matched], tracks.cov[matched], kalman.xyxy_to_xyah(boxes)
-            )
-            old_c, new_c = kalman.xyxy_to_xyah(tracks.box[matched]), kalman.xyxy_to_xyah(boxes)
-            moved = np.hypot(*(new_c[:, :2] - old_c[:, :2]).T) + np.abs(new_c[:, 3] - old_c[:, 3])
+            measured = kalman.xyxy_to_xyah(boxes)
+            tracks.mean[matched], tracks.cov[matched] = kalman.update(tracks.mean[matched], tracks.cov[matched], measured)
+            last = kalman.xyxy_to_xyah(tracks.box[matched])
+            moved = np.hypot(*(measured[:, :2] - last[:, :2]).T) + np.abs(measured[:, 3] - last[:, 3])
             tracks.pace[matched] = moved / np.maximum(frame_index - tracks.last_frame[matched], 1)
             tracks.hits[matched] += 1
             # A confirmed track found far from where it was predicted (a face that turned back while
             # detection paused): its motion model is not to be trusted, so its run of hits starts again and
             # adaptive detection follows it closely until it is stable again.
-            surprised = (track_iou(predicted[matched], boxes) < _LOW_SCORE_MIN_IOU) & (tracks.track_id[matched] >= 0)
+            fit = np.diagonal(box_iou(predicted[matched], boxes))
+            surprised = (fit < _LOW_SCORE_MIN_IOU) & (tracks.track_id[matched] >= 0)
             tracks.hits[matched[surprised]] = 1
             tracks.frames_seen[matched] += 1 + tracks.predicted[matched]
             tracks.missed[matched] = 0
