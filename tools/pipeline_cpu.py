@@ -1,0 +1,83 @@
+"""Where a file run's CPU goes: runs a command (usually `tools/pipeline_fps.py CLIP`), samples every thread of
+it and of its child processes from /proc, and prints CPU seconds per thread over the window in which the
+H.264 decoder threads were busy (the steady part of the run), with the cores used in all.
+
+    python tools/pipeline_cpu.py .venv/bin/python tools/pipeline_fps.py out/bench-720p.mp4
+
+Linux only. Divide by the frames to get CPU-ms a frame per stage: the detect worker's main thread
+(detection, tracking, the gate, chips), its reader thread (BGR conversion), the decoder threads, the
+inference worker. On a small machine the sum, not any one thread, bounds the frames a second.
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+import subprocess
+import sys
+import time
+
+TICK = os.sysconf("SC_CLK_TCK")
+
+
+def _descendants(pid: int) -> list[int]:
+    seen, todo = [], [pid]
+    while todo:
+        current = todo.pop()
+        seen.append(current)
+        try:
+            for task in os.listdir(f"/proc/{current}/task"):
+                try:
+                    with open(f"/proc/{current}/task/{task}/children") as handle:
+                        todo += [int(child) for child in handle.read().split()]
+                except OSError:
+                    pass
+        except OSError:
+            pass
+    return seen
+
+
+def _sample(root: int) -> dict[tuple[int, int], tuple[str, float]]:
+    """(pid, tid) -> (thread name, CPU seconds so far)."""
+    snapshot = {}
+    for pid in _descendants(root):
+        try:
+            for task in os.listdir(f"/proc/{pid}/task"):
+                with open(f"/proc/{pid}/task/{task}/stat") as handle:
+                    stat = handle.read()
+                name = stat[stat.index("(") + 1 : stat.rindex(")")]
+                fields = stat[stat.rindex(")") + 2 :].split()
+                snapshot[(pid, int(task))] = (name, (int(fields[11]) + int(fields[12])) / TICK)
+        except OSError:  # the thread or process ended between listing and reading
+            pass
+    return snapshot
+
+
+def main() -> None:
+    if len(sys.argv) < 2:
+        sys.exit(__doc__)
+    child = subprocess.Popen(sys.argv[1:])
+    series = []
+    while child.poll() is None:
+        series.append((time.monotonic(), _sample(child.pid)))
+        time.sleep(0.05)
+    decoding = [sum(cpu for name, cpu in snap.values() if name.startswith("av:")) for _, snap in series]
+    if not decoding or max(decoding) == 0:
+        sys.exit("no decoder threads seen (not a PyAV file run?)")
+    start = max(0, next(i for i, v in enumerate(decoding) if v > 0) - 1)
+    end = decoding.index(max(decoding))
+    (t0, before), (t1, after) = series[start], series[end]
+    wall = t1 - t0
+    per_thread = collections.Counter()
+    for key, (name, cpu) in after.items():
+        per_thread[(key[0], f"{name}#{key[1]}")] += cpu - before.get(key, (name, 0.0))[1]
+    print(f"window {wall:.2f} s")
+    for (pid, name), seconds in per_thread.most_common():
+        if seconds >= 0.02:
+            print(f"{seconds:6.2f} s  {100 * seconds / wall:5.1f}% of a core  pid {pid}  {name}")
+    total = sum(per_thread.values())
+    print(f"total {total:.2f} s = {total / wall:.2f} cores")
+
+
+if __name__ == "__main__":
+    main()
