@@ -95,7 +95,8 @@ class Faces:
     def _of(cls, boxes: np.ndarray, scores: np.ndarray, landmarks: np.ndarray, scheme: LandmarkScheme,
             track_ids: np.ndarray) -> Faces:
         """Rows taken from, or joined out of, checked `Faces`: already of the right dtypes and shapes, so not
-        checked again (a frame builds some twenty of these; the checks were a tenth of its tracking time)."""
+        checked again (a frame builds some twenty of these; under cProfile the checks were 4% of a frame's
+        detection and tracking)."""
         faces = object.__new__(cls)
         for name, value in (("boxes", boxes), ("scores", scores), ("landmarks", landmarks), ("scheme", scheme),
                             ("track_ids", track_ids)):

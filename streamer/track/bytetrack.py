@@ -398,7 +398,9 @@ class ByteTracker:
             det = det_of_track[matched]
             boxes = faces.boxes[det]
             measured = kalman.xyxy_to_xyah(boxes)
-            tracks.mean[matched], tracks.cov[matched] = kalman.update(tracks.mean[matched], tracks.cov[matched], measured)
+            tracks.mean[matched], tracks.cov[matched] = kalman.update(
+                tracks.mean[matched], tracks.cov[matched], measured
+            )
             last = kalman.xyxy_to_xyah(tracks.box[matched])
             moved = np.hypot(*(measured[:, :2] - last[:, :2]).T) + np.abs(measured[:, 3] - last[:, 3])
             tracks.pace[matched] = moved / np.maximum(frame_index - tracks.last_frame[matched], 1)
