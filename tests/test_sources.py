@@ -123,6 +123,21 @@ def test_file_delivers_every_frame_in_order(clip):
         source.stop()
 
 
+def test_source_images_are_pyavs_own_bgr_conversion(clip):
+    """The reader's reused single-threaded converter (BgrConverter) gives exactly the pixels of PyAV's
+    per-frame `to_ndarray(format="bgr24")`, on every frame (detections and names must not move)."""
+    with av.open(str(clip)) as container:
+        expected = [frame.to_ndarray(format="bgr24") for frame in container.decode(video=0)]
+    source = open_source(SourceSettings(url=str(clip)), "cam0", ReconnectSettings())
+    source.start()
+    try:
+        images = [frame.image for frame in read_all(source)]
+    finally:
+        source.stop()
+    assert len(images) == len(expected) == CLIP_FRAMES
+    assert all(np.array_equal(a, b) for a, b in zip(images, expected))
+
+
 def test_file_sampled_to_target_fps(clip):
     source = open_source(SourceSettings(url=f"file://{clip}", fps=10), "cam0", ReconnectSettings())
     with source:

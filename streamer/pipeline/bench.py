@@ -36,6 +36,7 @@ import numpy as np
 
 from streamer.config import Settings
 from streamer.errors import InputError
+from streamer.sources.pyav import BgrConverter
 from streamer.types import Frame
 
 STREAM = "bench"
@@ -64,10 +65,11 @@ def read_frames(path: str, max_frames: int | None = None) -> Iterator[Frame]:
     container, stream = _open_video(path)
     with container:
         stream.thread_type = "AUTO"  # as the pipeline's source does
+        to_bgr = BgrConverter()  # and converted as it does
         for index, frame in enumerate(container.decode(stream)):
             if max_frames is not None and index >= max_frames:
                 return
-            image = frame.to_ndarray(format="bgr24")
+            image = to_bgr(frame)
             pts = float(frame.time) if frame.time is not None else float(index)
             yield Frame(STREAM, index, pts, time.monotonic(), image)
 
