@@ -142,7 +142,10 @@ class YuNetDetector(Detector):
                 ) from exc
         else:
             self.model = OnnxModel(self.model_path, runtime or DEFAULT_RUNTIME, name=self.name)
-            self._by_size = SizeCache(self._build_grids)
+            # Region detection (streamer.track.processor) feeds crops of many sizes: the bench clip's tracks
+            # give 23 padded sizes, which thrashed an 8-entry cache (grids rebuilt ~2% of the detect time).
+            # Grids are small (~13 kB at 192x288), so keep plenty.
+            self._by_size = SizeCache(self._build_grids, capacity=64)
             self._output_index = self._check_outputs()
 
     def __repr__(self) -> str:
