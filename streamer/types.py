@@ -81,12 +81,8 @@ class Faces:
 
     @classmethod
     def empty(cls, scheme: LandmarkScheme = LandmarkScheme.FIVE) -> Faces:
-        return cls(
-            boxes=np.zeros((0, 4), np.float32),
-            scores=np.zeros(0, np.float32),
-            landmarks=np.zeros((0, scheme.num_points, 2), np.float32),
-            scheme=scheme,
-        )
+        return cls._of(np.zeros((0, 4), np.float32), np.zeros(0, np.float32),
+                       np.zeros((0, scheme.num_points, 2), np.float32), scheme, np.zeros(0, np.int64))
 
     def __len__(self) -> int:
         return len(self.boxes)
@@ -111,7 +107,9 @@ class Faces:
                          self.track_ids[index])
 
     def with_track_ids(self, track_ids: np.ndarray) -> Faces:
-        return replace(self, track_ids=track_ids)
+        ids = np.asarray(track_ids, dtype=np.int64).reshape(-1)
+        _check("track_ids", ids, (len(self),))
+        return Faces._of(self.boxes, self.scores, self.landmarks, self.scheme, ids)
 
     def scaled(self, factor: float) -> Faces:
         """Coordinates multiplied by `factor` (used to map detections on a resized copy back)."""

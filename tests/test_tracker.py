@@ -11,6 +11,7 @@ import pytest
 
 from streamer.config import RecognitionSettings, TrackerSettings
 from streamer.track import ByteTracker, IdCounter, InferenceGate, face_quality, kalman
+from streamer.track.bytetrack import box_iou
 from streamer.track.gate import frontalness
 from streamer.types import Faces, LandmarkScheme
 
@@ -87,6 +88,8 @@ def test_batched_kalman_matches_the_textbook_equations():
     mean, cov = kalman.initiate(kalman.xyxy_to_xyah(boxes))
     np.testing.assert_allclose(kalman.xyah_to_xyxy(mean[:, :4]), boxes, rtol=1e-9)
     mean[:, 4:] = rng.normal(0, 3, (4, 4))
+    spread = rng.normal(0, 2, (4, 8, 8))
+    cov = cov + spread @ spread.transpose(0, 2, 1)  # a full covariance, as after a few updates
     pred_mean, pred_cov = kalman.predict(mean, cov)
     measured = kalman.xyxy_to_xyah(boxes + rng.normal(0, 5, boxes.shape))
     new_mean, new_cov = kalman.update(pred_mean, pred_cov, measured)
@@ -105,6 +108,31 @@ def test_batched_kalman_matches_the_textbook_equations():
         gain = p @ h.T @ np.linalg.inv(h @ p @ h.T + r)
         np.testing.assert_allclose(new_mean[i], pred_mean[i] + gain @ (measured[i] - h @ pred_mean[i]), rtol=1e-9)
         np.testing.assert_allclose(new_cov[i], (np.eye(8) - gain @ h) @ p, rtol=1e-7, atol=1e-9)
+
+
+def test_box_iou_is_the_textbook_ratio_pairwise():
+    a = np.array([[0, 0, 10, 10], [5, 5, 15, 25], [3, 3, 3, 9]], np.float64)  # the last has no area
+    b = np.array([[0, 0, 10, 10], [5, 0, 15, 10], [100, 100, 110, 110], [3, 3, 3, 9]], np.float64)
+
+    def iou(p, q):
+        w = max(0.0, min(p[2], q[2]) - max(p[0], q[0]))
+        h = max(0.0, min(p[3], q[3]) - max(p[1], q[1]))
+        union = (p[2] - p[0]) * (p[3] - p[1]) + (q[2] - q[0]) * (q[3] - q[1]) - w * h
+        return w * h / union if union > 0 else 0.0
+
+    np.testing.assert_array_equal(box_iou(a, b), [[iou(p, q) for q in b] for p in a])
+    assert box_iou(a, np.zeros((0, 4))).shape == (3, 0)
+
+
+def test_faces_keep_checking_track_ids_and_empty_faces_have_the_right_shapes():
+    for scheme in LandmarkScheme:
+        empty = Faces.empty(scheme)
+        assert empty.boxes.shape == (0, 4) and empty.landmarks.shape == (0, scheme.num_points, 2)
+        assert (empty.boxes.dtype, empty.scores.dtype, empty.track_ids.dtype) == (np.float32, np.float32, np.int64)
+    faces = Faces(boxes=[[0, 0, 10, 10], [20, 20, 30, 30]], scores=[0.9, 0.8], landmarks=np.zeros((2, 5, 2)))
+    assert faces.with_track_ids([4, 7]).track_ids.tolist() == [4, 7]
+    with pytest.raises(ValueError, match="track_ids"):
+        faces.with_track_ids([4])
 
 
 # ----------------------------------------------------------------------------- synthetic trajectories

@@ -116,12 +116,13 @@ def box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """Pairwise IoU of (M, 4) and (N, 4) x1y1x2y2 boxes -> (M, N)."""
     a = np.asarray(a, dtype=np.float64).reshape(-1, 4)
     b = np.asarray(b, dtype=np.float64).reshape(-1, 4)
-    lt = np.maximum(a[:, None, :2], b[None, :, :2])
-    rb = np.minimum(a[:, None, 2:], b[None, :, 2:])
-    inter = np.prod(np.clip(rb - lt, 0, None), axis=2)
-    area_a = np.prod(np.clip(a[:, 2:] - a[:, :2], 0, None), axis=1)
-    area_b = np.prod(np.clip(b[:, 2:] - b[:, :2], 0, None), axis=1)
-    union = area_a[:, None] + area_b[None, :] - inter
+    # Widths times heights written out (not np.prod/np.clip over a 2-axis): called several times a frame on a
+    # few boxes, where the per-call overhead of the generic reductions is most of the cost. Same values.
+    wh = np.maximum(np.minimum(a[:, None, 2:], b[None, :, 2:]) - np.maximum(a[:, None, :2], b[None, :, :2]), 0.0)
+    inter = wh[..., 0] * wh[..., 1]
+    side_a = np.maximum(a[:, 2:] - a[:, :2], 0.0)
+    side_b = np.maximum(b[:, 2:] - b[:, :2], 0.0)
+    union = (side_a[:, 0] * side_a[:, 1])[:, None] + (side_b[:, 0] * side_b[:, 1])[None, :] - inter
     return np.divide(inter, union, out=np.zeros_like(inter), where=union > 0)
 
 
@@ -175,6 +176,8 @@ class _Tracks:
         return len(self.track_id)
 
     def keep(self, mask: np.ndarray) -> None:
+        if mask.all():  # the common frame: nothing ended
+            return
         for name in self._COLUMNS:
             setattr(self, name, getattr(self, name)[mask])
 
@@ -340,8 +343,9 @@ class ByteTracker:
         old_wh = np.maximum(old[:, 2:] - old[:, :2], 1e-6)
         scale = (boxes[:, 2:] - boxes[:, :2]) / old_wh
         landmarks = (tracks.landmarks[rows] - old[:, None, :2]) * scale[:, None, :] + boxes[:, None, :2]
-        return Faces(boxes=boxes, scores=tracks.score[rows], landmarks=landmarks,
-                     scheme=tracks.scheme, track_ids=tracks.track_id[rows])
+        # Built from the tracker's own arrays, of known shapes: converted, not checked again.
+        return Faces._of(boxes.astype(np.float32), tracks.score[rows].astype(np.float32),
+                         landmarks.astype(np.float32), tracks.scheme, tracks.track_id[rows])
 
     def _advance(self) -> None:
         """One frame of the motion model. Lost tracks keep drifting but stop growing/shrinking (ByteTrack
