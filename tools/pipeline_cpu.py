@@ -6,7 +6,9 @@ H.264 decoder threads were busy (the steady part of the run), with the cores use
 
 Linux only. Divide by the frames to get CPU-ms a frame per stage: the detect worker's main thread
 (detection, tracking, the gate, chips), its reader thread (BGR conversion), the decoder threads, the
-inference worker. On a small machine the sum, not any one thread, bounds the frames a second.
+inference worker. On a small machine the sum, not any one thread, bounds the frames a second. "waiting" is the
+time a thread was runnable but every core was busy (/proc/.../schedstat); a process's total also counts threads
+that ended inside the window (a library that starts a thread per frame shows up there).
 """
 
 from __future__ import annotations
@@ -37,17 +39,23 @@ def _descendants(pid: int) -> list[int]:
     return seen
 
 
-def _sample(root: int) -> dict[tuple[int, int], tuple[str, float]]:
-    """(pid, tid) -> (thread name, CPU seconds so far)."""
+def _sample(root: int) -> dict[tuple[int, int], tuple[str, float, float]]:
+    """(pid, tid) -> (thread name, CPU seconds so far, seconds spent runnable but waiting for a core)."""
     snapshot = {}
     for pid in _descendants(root):
         try:
+            with open(f"/proc/{pid}/stat") as handle:
+                stat = handle.read()
+            fields = stat[stat.rindex(")") + 2 :].split()
+            snapshot[(pid, 0)] = ("PROCESS", (int(fields[11]) + int(fields[12])) / TICK, 0.0)
             for task in os.listdir(f"/proc/{pid}/task"):
                 with open(f"/proc/{pid}/task/{task}/stat") as handle:
                     stat = handle.read()
                 name = stat[stat.index("(") + 1 : stat.rindex(")")]
                 fields = stat[stat.rindex(")") + 2 :].split()
-                snapshot[(pid, int(task))] = (name, (int(fields[11]) + int(fields[12])) / TICK)
+                with open(f"/proc/{pid}/task/{task}/schedstat") as handle:
+                    waited = int(handle.read().split()[1]) / 1e9
+                snapshot[(pid, int(task))] = (name, (int(fields[11]) + int(fields[12])) / TICK, waited)
         except OSError:  # the thread or process ended between listing and reading
             pass
     return snapshot
@@ -61,23 +69,31 @@ def main() -> None:
     while child.poll() is None:
         series.append((time.monotonic(), _sample(child.pid)))
         time.sleep(0.05)
-    decoding = [sum(cpu for name, cpu in snap.values() if name.startswith("av:")) for _, snap in series]
+    decoding = [sum(cpu for name, cpu, _ in snap.values() if name.startswith("av:")) for _, snap in series]
     if not decoding or max(decoding) == 0:
         sys.exit("no decoder threads seen (not a PyAV file run?)")
     start = max(0, next(i for i, v in enumerate(decoding) if v > 0) - 1)
     end = decoding.index(max(decoding))
     (t0, before), (t1, after) = series[start], series[end]
     wall = t1 - t0
-    per_thread = collections.Counter()
-    for key, (name, cpu) in after.items():
-        per_thread[(key[0], f"{name}#{key[1]}")] += cpu - before.get(key, (name, 0.0))[1]
-    print(f"window {wall:.2f} s")
+    per_thread, waiting, per_process = collections.Counter(), collections.Counter(), collections.Counter()
+    for key, (name, cpu, waited) in after.items():
+        _, cpu_before, waited_before = before.get(key, (name, 0.0, 0.0))
+        if key[1] == 0:  # the process as a whole: its threads, ended ones included
+            per_process[key[0]] += cpu - cpu_before
+            continue
+        per_thread[(key[0], f"{name}#{key[1]}")] += cpu - cpu_before
+        waiting[(key[0], f"{name}#{key[1]}")] += waited - waited_before
+    print(f"window {wall:.2f} s  (waiting: runnable, but no core was free)")
     for (pid, name), seconds in per_thread.most_common():
         if seconds >= 0.02:
-            print(f"{seconds:6.2f} s  {100 * seconds / wall:5.1f}% of a core  pid {pid}  {name}")
-    total = sum(per_thread.values())
+            print(f"{seconds:6.2f} s  {100 * seconds / wall:5.1f}% of a core  waiting {waiting[(pid, name)]:5.2f} s"
+                  f"  pid {pid}  {name}")
+    for pid, seconds in per_process.most_common():
+        ended = max(0.0, seconds - sum(v for (p, _), v in per_thread.items() if p == pid))
+        print(f"process {pid}: {seconds:.2f} s in all ({ended:.2f} s in threads that ended within the window)")
+    total = sum(per_process.values())
     print(f"total {total:.2f} s = {total / wall:.2f} cores")
-
 
 if __name__ == "__main__":
     main()
