@@ -9,9 +9,9 @@ interchangeable: the same frame gives comparable `Faces` whichever model found t
 from __future__ import annotations
 
 import logging
+import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Hashable, Sequence
-from dataclasses import replace
 from pathlib import Path
 from typing import ClassVar, Generic, TypeVar
 
@@ -133,11 +133,11 @@ class Detector(ABC):
         # sees there, and every output location sits where it sits on the full frame, so box and landmark
         # regressions come out the same (on a 2-pixel grid landmarks moved by a pixel or two).
         step = self.region_align / scale
-        for x1, y1, x2, y2 in boxes:
-            left = max(0, int(np.floor(x1 / step) * step))
-            top = max(0, int(np.floor(y1 / step) * step))
-            right = min(width, int(np.ceil(np.ceil(x2 / step) * step)))
-            bottom = min(height, int(np.ceil(np.ceil(y2 / step) * step)))
+        for x1, y1, x2, y2 in boxes.tolist():  # Python floats: math.floor/ceil, not numpy's, on scalars
+            left = max(0, int(math.floor(x1 / step) * step))
+            top = max(0, int(math.floor(y1 / step) * step))
+            right = min(width, math.ceil(math.ceil(x2 / step) * step))
+            bottom = min(height, math.ceil(math.ceil(y2 / step) * step))
             if right - left < 2 or bottom - top < 2:
                 continue
             crop = image[top:bottom, left:right]
@@ -153,10 +153,10 @@ class Detector(ABC):
             if not len(faces):
                 continue
             fx, fy = (right - left) / crop.shape[1], (bottom - top) / crop.shape[0]
-            factor = np.array([fx, fy], np.float32)
-            offset = np.array([left, top], np.float32)
-            faces = replace(faces, boxes=faces.boxes * np.tile(factor, 2) + np.tile(offset, 2),
-                            landmarks=faces.landmarks * factor + offset)
+            factor = np.array([fx, fy, fx, fy], np.float32)
+            offset = np.array([left, top, left, top], np.float32)
+            faces = Faces._of(faces.boxes * factor + offset, faces.scores, faces.landmarks * factor[:2] + offset[:2],
+                              faces.scheme, faces.track_ids)
             margin = 1.0  # a box within a pixel of an inner edge was cut by it
             b = faces.boxes
             cut = (((b[:, 0] <= left + margin) & (left > 0)) | ((b[:, 1] <= top + margin) & (top > 0))
@@ -195,17 +195,18 @@ class Detector(ABC):
     def _finish(self, faces: Faces, fx: float, fy: float, width: int, height: int) -> Faces:
         if len(faces) == 0:
             return Faces.empty(self.scheme)
+        landmarks = faces.landmarks
         if fx != 1.0 or fy != 1.0:
-            factor = np.array([fx, fy], np.float32)
-            faces = replace(
-                faces, boxes=faces.boxes * np.tile(factor, 2), landmarks=faces.landmarks * factor
-            )
+            factor = np.array([fx, fy, fx, fy], np.float32)
+            boxes = faces.boxes * factor
+            landmarks = landmarks * factor[:2]
+        else:
+            boxes = faces.boxes.copy()
         # Landmarks stay unclipped: an eye just outside the frame is still where it is, and
         # alignment needs the true geometry. Boxes are clipped so crops never index outside.
-        boxes = faces.boxes.copy()
         np.clip(boxes[:, 0::2], 0, width, out=boxes[:, 0::2])
         np.clip(boxes[:, 1::2], 0, height, out=boxes[:, 1::2])
-        faces = replace(faces, boxes=boxes)
+        faces = Faces._of(boxes, faces.scores, landmarks, faces.scheme, faces.track_ids)
         sides = np.minimum(boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1])
         finite = np.isfinite(faces.scores) & np.isfinite(boxes).all(axis=1)
         keep = finite & (sides > 0) & (sides >= self.min_face)

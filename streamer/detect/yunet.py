@@ -267,7 +267,9 @@ class YuNetDetector(Detector):
             chosen = np.asarray(chosen, np.int64).reshape(-1)
             xywh, points, scores = xywh[chosen], points[chosen], scores[chosen]
         boxes = np.concatenate([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], axis=1)
-        return Faces(boxes=boxes, scores=scores, landmarks=points, scheme=self.scheme)
+        # Shapes are the decoder's own; only the dtypes are made sure of (float32 throughout already).
+        return Faces._of(boxes.astype(np.float32, copy=False), scores.astype(np.float32, copy=False),
+                         points.astype(np.float32, copy=False), self.scheme, np.full(len(scores), -1, np.int64))
 
     # -- the Detector hooks -------------------------------------------------------------------------
     def _detect(self, image: np.ndarray) -> Faces:
