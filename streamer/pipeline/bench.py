@@ -2,7 +2,7 @@
 
 Passes (all honour `max_frames`; all load and warm their models before the clock starts):
 
-- decode:               PyAV decode to BGR only: the ceiling for everything else.
+- decode:               PyAV decode to BGR only (converted as the sources do): the ceiling for everything else.
 - pipeline:             the real thing (`streamer run` on the clip): two worker processes, tracking, the
                         inference gate, cross-stream batching, events published on a real socket; every
                         frame processed (files apply backpressure, nothing is dropped).
