@@ -467,5 +467,6 @@ class ByteTracker:
                       [t.track_id for t in started], [t.track_id for t in ended])  # fmt: skip
         carried_faces = None
         if regions is not None:
-            carried_faces = self._predicted_faces(np.flatnonzero(outside & (tracks.track_id >= 0) & (tracks.missed == 0)))
+            live = (tracks.track_id >= 0) & (tracks.missed == 0)
+            carried_faces = self._predicted_faces(np.flatnonzero(outside & live))
         return TrackUpdate(faces=out, started=started, ended=ended, predicted=carried_faces)
