@@ -39,23 +39,25 @@ def _descendants(pid: int) -> list[int]:
     return seen
 
 
+def _read_stat(path: str) -> tuple[str, float]:
+    """The name and CPU seconds (user + system) in a /proc .../stat file."""
+    with open(path) as handle:
+        stat = handle.read()
+    fields = stat[stat.rindex(")") + 2 :].split()
+    return stat[stat.index("(") + 1 : stat.rindex(")")], (int(fields[11]) + int(fields[12])) / TICK
+
+
 def _sample(root: int) -> dict[tuple[int, int], tuple[str, float, float]]:
     """(pid, tid) -> (thread name, CPU seconds so far, seconds spent runnable but waiting for a core)."""
     snapshot = {}
     for pid in _descendants(root):
         try:
-            with open(f"/proc/{pid}/stat") as handle:
-                stat = handle.read()
-            fields = stat[stat.rindex(")") + 2 :].split()
-            snapshot[(pid, 0)] = ("PROCESS", (int(fields[11]) + int(fields[12])) / TICK, 0.0)
+            snapshot[(pid, 0)] = ("PROCESS", _read_stat(f"/proc/{pid}/stat")[1], 0.0)  # tid 0: the whole process
             for task in os.listdir(f"/proc/{pid}/task"):
-                with open(f"/proc/{pid}/task/{task}/stat") as handle:
-                    stat = handle.read()
-                name = stat[stat.index("(") + 1 : stat.rindex(")")]
-                fields = stat[stat.rindex(")") + 2 :].split()
+                name, cpu = _read_stat(f"/proc/{pid}/task/{task}/stat")
                 with open(f"/proc/{pid}/task/{task}/schedstat") as handle:
                     waited = int(handle.read().split()[1]) / 1e9
-                snapshot[(pid, int(task))] = (name, (int(fields[11]) + int(fields[12])) / TICK, waited)
+                snapshot[(pid, int(task))] = (name, cpu, waited)
         except OSError:  # the thread or process ended between listing and reading
             pass
     return snapshot
@@ -90,10 +92,13 @@ def main() -> None:
             print(f"{seconds:6.2f} s  {100 * seconds / wall:5.1f}% of a core  waiting {waiting[(pid, name)]:5.2f} s"
                   f"  pid {pid}  {name}")
     for pid, seconds in per_process.most_common():
+        if seconds < 0.02:
+            continue
         ended = max(0.0, seconds - sum(v for (p, _), v in per_thread.items() if p == pid))
         print(f"process {pid}: {seconds:.2f} s in all ({ended:.2f} s in threads that ended within the window)")
     total = sum(per_process.values())
     print(f"total {total:.2f} s = {total / wall:.2f} cores")
+
 
 if __name__ == "__main__":
     main()

@@ -28,6 +28,8 @@ from streamer.errors import SourceError
 from streamer.logutil import RateLimitedLog
 from streamer.sources.base import RETRY_LOG_INTERVAL_S, RawFrame, ThreadedSource
 
+log = logging.getLogger(__name__)
+
 
 class BgrConverter:
     """Decoded frames to BGR arrays, the way every PyAV reader here (sources, the bench's decode pass) does it.
@@ -45,7 +47,6 @@ class BgrConverter:
     def __call__(self, frame: av.VideoFrame) -> np.ndarray:
         return self._reformatter.reformat(frame, format="bgr24", threads=1).to_ndarray()
 
-log = logging.getLogger(__name__)
 
 Kind = Literal["file", "rtsp", "http", "lavfi"]
 

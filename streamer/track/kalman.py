@@ -73,12 +73,13 @@ def initiate(measurements: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return mean, cov
 
 
-# Per-state-component factors of the process noise: x, y and h (and their velocities) scale with the box height,
-# the aspect ratio's noise is fixed (_FIXED_NOISE).
-_NOISE_SCALE = np.array([_STD_POSITION, _STD_POSITION, 0.0, _STD_POSITION,
-                         _STD_VELOCITY, _STD_VELOCITY, 0.0, _STD_VELOCITY])
-_FIXED_NOISE = ((2, 1e-2), (6, 1e-5))
+# Noise standard deviations per state component, as height x _SCALE + _FIXED: x, y and h (and their velocities)
+# scale with the box height, the aspect ratio's noise (and its velocity's) is fixed.
+_PROCESS_SCALE = np.array([_STD_POSITION, _STD_POSITION, 0.0, _STD_POSITION,
+                           _STD_VELOCITY, _STD_VELOCITY, 0.0, _STD_VELOCITY])
+_PROCESS_FIXED = np.array([0.0, 0.0, 1e-2, 0.0, 0.0, 0.0, 1e-5, 0.0])
 _MEASUREMENT_SCALE = np.array([_STD_POSITION, _STD_POSITION, 0.0, _STD_POSITION])
+_MEASUREMENT_FIXED = np.array([0.0, 0.0, 1e-1, 0.0])
 _DIAGONAL = np.arange(2 * _NDIM)
 
 
@@ -92,9 +93,7 @@ def predict(mean: np.ndarray, cov: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     m = len(mean)
     if m == 0:
         return mean, cov
-    std = mean[:, 3:4] * _NOISE_SCALE
-    for column, value in _FIXED_NOISE:
-        std[:, column] = value
+    std = mean[:, 3:4] * _PROCESS_SCALE + _PROCESS_FIXED
     new_mean = mean.copy()
     new_mean[:, :_NDIM] += mean[:, _NDIM:]
     rows = cov.copy()  # F P: position rows gain the velocity rows
@@ -110,8 +109,7 @@ def update(mean: np.ndarray, cov: np.ndarray, measurements: np.ndarray) -> tuple
     m = len(mean)
     if m == 0:
         return mean, cov
-    std = mean[:, 3:4] * _MEASUREMENT_SCALE
-    std[:, 2] = 1e-1  # the aspect ratio's measurement noise is fixed
+    std = mean[:, 3:4] * _MEASUREMENT_SCALE + _MEASUREMENT_FIXED
     projected_mean = mean[:, :_NDIM]
     hp = cov[:, :_NDIM, :]  # H P (M, 4, 8): H only selects the position rows
     s = hp[:, :, :_NDIM].copy()  # H P H^T (M, 4, 4)
